@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine:
+#   make serve   install, make sure a model exists in model_repository/, start the service
+#   make test    install, lint, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8080
+CHECKPOINT ?=
+REPO ?= model_repository
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps test lint serve model bench loadtest clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: these builds are the ones the project is tested with
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 "numpy>=1.26,<2"
+	$(PIP) install -q -e ".[serve,train,dev]"
+	touch $@
+
+install: $(STAMP)
+
+# Debian chromium for the browser tests (never a browser download by Playwright)
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: browser tests will be skipped (install Debian's chromium)"; fi; }
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install system-deps lint
+	$(PY) -m pytest
+
+model: install
+	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--random-init)
+
+serve: model
+	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(REPO) --backend onnx
+
+bench: install
+	$(PY) benchmarks/postprocess_bench.py
+	$(PY) benchmarks/forward_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""NVIDIA's published checkpoint layout loads strictly; unsafe files are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, atomic_save, load_model_weights, read_checkpoint
+from training.model import build_model
+
+# keys, shapes and dtypes of NVIDIA's published checkpoint (nvidia_ssdpyt_amp_200703.pt)
+KEYS_FILE = Path(__file__).resolve().parents[1] / "data" / "nvidia_checkpoint_keys.json"
+
+
+def nvidia_key_list() -> list[dict]:
+    return json.loads(KEYS_FILE.read_text())
+
+
+def nvidia_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the keys, shapes and dtypes listed for NVIDIA's checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for entry in nvidia_key_list():
+        dtype = getattr(torch, entry["dtype"])
+        if dtype.is_floating_point:
+            t = torch.randn(entry["shape"], generator=g, dtype=torch.float32) * 0.05
+            if entry["key"].endswith("running_var"):
+                t = t.abs() + 0.5
+            state[entry["key"]] = t.to(dtype)
+        else:
+            state[entry["key"]] = torch.tensor(7, dtype=dtype).reshape(entry["shape"])
+    return state
+
+
+def test_keys_and_shapes_match_our_model():
+    ours = {k: tuple(v.shape) for k, v in build_model().state_dict().items()}
+    theirs = {e["key"]: tuple(e["shape"]) for e in nvidia_key_list()}
+    assert ours == theirs
+
+
+def _outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+@pytest.mark.parametrize("half", [False, True])
+def test_nvidia_checkpoint_loads_strictly(tmp_path, prefix, half):
+    state = nvidia_like_state()
+    if half:  # apex O2 wrote conv weights in fp16
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    nvidia = {
+        "model": {prefix + k: v for k, v in state.items()},
+        "epoch": 65,
+        "iteration": 123,
+        "label_map": {0: "background", 1: "person"},
+    }
+    torch.save(nvidia, tmp_path / "nvidia.pt")
+    # the same tensors in fp32 under our own names, in our own format
+    ours = {
+        "format": "ssd300-checkpoint/1",
+        "model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+    }
+    torch.save(ours, tmp_path / "ours.pt")
+
+    a, b = build_model(), build_model()
+    load_model_weights(a, tmp_path / "nvidia.pt")
+    load_model_weights(b, tmp_path / "ours.pt")
+    assert a.conf[0].weight.dtype == torch.float32
+    x = torch.randn(1, 3, 300, 300)
+    for oa, ob in zip(_outputs(a, x), _outputs(b, x)):
+        assert torch.equal(oa, ob)
+
+
+def test_missing_key_is_an_error(tmp_path):
+    state = nvidia_like_state()
+    del state["conf.5.bias"]
+    torch.save({"model": state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model_weights(build_model(), tmp_path / "bad.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ssd300-pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = Path("/tmp/ssd300-pwned")
+    marker.unlink(missing_ok=True)
+    torch.save({"model": {}, "payload": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_truncated_and_missing(tmp_path):
+    torch.save({"model": nvidia_like_state()}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        read_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+
+
+def test_atomic_save_leaves_no_temp(tmp_path):
+    atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert torch.equal(read_checkpoint(tmp_path / "x.pt")["a"], torch.ones(2))

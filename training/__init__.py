@@ -1,0 +1,1 @@
+"""Training side: SSD300 model, loss, data pipelines, training/evaluation engine, export."""
