@@ -4,12 +4,13 @@ Shaped like torchvision's ``postprocess_detections``: decode -> per-class score 
 per class -> class-wise greedy NMS -> overall cap, with named parameters. It gives the same
 detections as the reference's per-class Python loop (score > threshold strictly, top-k per class,
 greedy NMS dropping boxes whose IoU with a kept box is >= the threshold, top-N overall) but runs all
-classes at once: candidates are grouped by class into a padded (G, M, 4) block, all pairwise IoUs are
-computed in one go and the greedy pass walks M columns for every class simultaneously.
+classes at once: overlapping same-class pairs are found with a sweep along x, their exact IoUs are
+computed in one vectorised step, and the greedy pass walks the score ranks for every class at once.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,23 +66,60 @@ def dense_candidates(
     Returns boxes (n, 4), scores (n,), classes (n,) int32 (1..C-1).
     """
     fg = probs[:, 1:]
-    anchor_idx, class_idx = np.nonzero(fg > score_threshold)
-    return boxes[anchor_idx], fg[anchor_idx, class_idx], (class_idx + 1).astype(np.int32)
+    # anchors with any class above the threshold first: cheap, and few for a trained model
+    anchors = np.flatnonzero(fg.max(axis=1) > score_threshold)
+    sub = fg[anchors]
+    rows, class_idx = np.nonzero(sub > score_threshold)
+    anchor_idx = anchors[rows]
+    return boxes[anchor_idx], sub[rows, class_idx], (class_idx + 1).astype(np.int32)
 
 
-def pairwise_iou(boxes: np.ndarray) -> np.ndarray:
-    """IoU between all boxes of each group: (..., M, 4) -> (..., M, M), float32.
+def _iou_of_pairs(
+    cols: tuple[np.ndarray, ...], area: np.ndarray, i: np.ndarray, j: np.ndarray
+) -> np.ndarray:
+    """IoU of box pairs (i[k], j[k]) from per-coordinate columns: (P,) float32.
 
-    Same formula and precision as the reference (float32, negative overlaps clipped to 0). Two
-    zero-area boxes give NaN, which the NMS below treats as overlapping, like the reference.
+    Same formula and float32 precision as the reference (negative overlaps clipped to 0).
     """
-    lt = np.maximum(boxes[..., :, None, :2], boxes[..., None, :, :2])
-    rb = np.minimum(boxes[..., :, None, 2:], boxes[..., None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    x1, y1, x2, y2 = cols
+    iw = np.minimum(x2[i], x2[j])
+    iw -= np.maximum(x1[i], x1[j])
+    ih = np.minimum(y2[i], y2[j])
+    ih -= np.maximum(y1[i], y1[j])
+    np.clip(iw, 0, None, out=iw)
+    np.clip(ih, 0, None, out=ih)
+    inter = np.multiply(iw, ih, out=iw)
+    union = area[j] + area[i]
+    union -= inter
     with np.errstate(invalid="ignore", divide="ignore"):
-        return inter / (area[..., :, None] + area[..., None, :] - inter)
+        return np.divide(inter, union, out=inter)
+
+
+def _candidate_pairs(
+    x1: np.ndarray, x2: np.ndarray, group: np.ndarray, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs of boxes of the same group that can reach ``iou_threshold``.
+
+    IoU >= t needs an x-overlap of at least t * width of each box, so a box q can only reach t
+    with the box p starting before it if it starts before x2_p - t * w_p. Sweep along x: sort by
+    (group, x1); the partners of p are then a contiguous run after it. The bound is relaxed a
+    little so that float rounding can never drop a true pair; exact IoUs are computed for all.
+    """
+    x1 = x1.astype(np.float64)
+    x2 = x2.astype(np.float64)
+    lo = x1.min()
+    span = 2.0 ** np.ceil(np.log2(max(x2.max(), x1.max()) - lo + 2.0))
+    offset = group * span  # keeps groups apart on one sorted axis
+    key_start = x1 - lo + offset
+    by_x = np.argsort(key_start, kind="stable")
+    sorted_start = key_start[by_x]
+    reach = x2 - (iou_threshold * (1 - 1e-4)) * (x2 - x1)
+    key_end = (reach - lo + offset)[by_x] + 1e-9 * span
+    first = np.arange(1, by_x.size + 1)
+    counts = np.maximum(np.searchsorted(sorted_start, key_end, side="left") - first, 0)
+    p = np.repeat(np.arange(by_x.size), counts)
+    q = np.arange(p.size) + np.repeat(first - (np.cumsum(counts) - counts), counts)
+    return by_x[p], by_x[q]
 
 
 def classwise_nms(
@@ -95,39 +133,51 @@ def classwise_nms(
 
     Only the ``topk_per_class`` best candidates of each class enter NMS (None: all of them).
     A candidate is dropped when its IoU with a higher-scoring kept box of its class is
-    >= ``iou_threshold`` (or not comparable, i.e. NaN).
+    >= ``iou_threshold``. Candidates with non-finite or empty boxes are discarded up front.
+    ``iou_threshold`` must be in (0, 1]: then only boxes that overlap can suppress each other,
+    which is what lets the pair search skip disjoint boxes.
     """
-    n = scores.shape[0]
-    if n == 0:
+    if not 0.0 < iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    proper = (
+        np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    )
+    idx = np.flatnonzero(proper & np.isfinite(scores))
+    if idx.size == 0:
         return np.zeros(0, dtype=np.int64)
+    boxes, scores, classes = boxes[idx], scores[idx], classes[idx]
+    n = scores.shape[0]
     # group by class, best first inside a group (stable: ties keep input order)
     order = np.lexsort((-scores, classes))
     cls_sorted = classes[order]
     starts = np.flatnonzero(np.r_[True, cls_sorted[1:] != cls_sorted[:-1]])
     counts = np.diff(np.r_[starts, n])
     rank = np.arange(n) - np.repeat(starts, counts)
-    if topk_per_class is not None:
-        keep_rank = rank < topk_per_class
-        order, rank = order[keep_rank], rank[keep_rank]
-        counts = np.minimum(counts, topk_per_class)
     group = np.repeat(np.arange(counts.size), counts)
-    width = int(counts.max())
+    if topk_per_class is not None:
+        within = rank < topk_per_class
+        order, rank, group = order[within], rank[within], group[within]
+    cols = tuple(np.ascontiguousarray(boxes[order, k]) for k in range(4))
+    area = (cols[2] - cols[0]) * (cols[3] - cols[1])
 
-    block = np.zeros((counts.size, width, 4), dtype=np.float32)
-    block[group, rank] = boxes[order]
-    valid = np.zeros((counts.size, width), dtype=bool)
-    valid[group, rank] = True
+    # suppression edges: (stronger, weaker) pairs of a class with IoU >= threshold
+    i, j = _candidate_pairs(cols[0], cols[2], group, iou_threshold)
+    hit = ~(_iou_of_pairs(cols, area, i, j) < np.float32(iou_threshold))
+    i, j = i[hit], j[hit]
+    strong = np.where(rank[i] < rank[j], i, j)
+    weak = np.where(rank[i] < rank[j], j, i)
 
-    # suppresses[g, i, j]: candidate i, if kept, removes candidate j (j ranks below i)
-    suppresses = ~(pairwise_iou(block) < np.float32(iou_threshold))
-    suppresses &= np.triu(np.ones((width, width), dtype=bool), k=1)
-    alive = valid.copy()
-    for i in range(width - 1):
-        hit = alive[:, i]
-        if hit.any():
-            alive[hit] &= ~suppresses[hit, i]
-    kept = order[alive[group, rank]]
-    return kept[np.argsort(-scores[kept], kind="stable")]
+    # greedy pass in rank order, all classes at once: a box suppresses only if still alive
+    alive = np.ones(order.size, dtype=bool)
+    by_rank = np.argsort(rank[strong], kind="stable")
+    strong, weak = strong[by_rank], weak[by_rank]
+    edge_rank = rank[strong]
+    bounds = np.flatnonzero(np.r_[True, edge_rank[1:] != edge_rank[:-1], True])
+    for lo, hi in itertools.pairwise(bounds):
+        s, w = strong[lo:hi], weak[lo:hi]
+        alive[w[alive[s]]] = False
+    kept = idx[order[alive]]
+    return kept[np.argsort(-scores[order[alive]], kind="stable")]
 
 
 def postprocess(

@@ -24,16 +24,16 @@ ANCHORS = np.array(default_boxes())
 
 
 def random_outputs(rng: np.random.Generator, kind: str, n: int = 1):
-    """Network-like outputs: 'random' logits (tens of thousands of candidates) or 'peaky' ones
-    (a few objects, each claimed by a cluster of anchors: a trained model's typical output)."""
+    """Network-like outputs: 'random' logits (tens of thousands of candidates above 0.05), or
+    'peaky' / 'sparse' ones where background dominates and a few objects are each claimed by a
+    cluster of anchors (about 1.5k / a few hundred candidates: a trained model's usual output)."""
     locs = rng.normal(0, 1, (n, 4, 8732)).astype(np.float32)
-    if kind == "random":
-        logits = rng.normal(0, 1, (n, 81, 8732)).astype(np.float32)
-    else:
-        logits = rng.normal(0, 1, (n, 81, 8732)).astype(np.float32)
-        logits[:, 0] += 6.0  # background dominates
+    logits = rng.normal(0, 1, (n, 81, 8732)).astype(np.float32)
+    if kind != "random":
+        background, objects = {"peaky": (6.0, 8), "sparse": (7.5, 5)}[kind]
+        logits[:, 0] += background
         for i in range(n):
-            for _ in range(8):
+            for _ in range(objects):
                 cls = rng.integers(1, 81)
                 centre = rng.integers(0, 8732)
                 cluster = np.clip(centre + rng.integers(-40, 40, size=60), 0, 8731)
@@ -53,7 +53,7 @@ def as_sorted_rows(boxes, scores, labels):
     return rows[np.lexsort(rows.T[::-1])]
 
 
-@pytest.mark.parametrize("kind", ["random", "peaky"])
+@pytest.mark.parametrize("kind", ["random", "peaky", "sparse"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dense_postprocess_equals_reference_loop(kind, seed):
     rng = np.random.default_rng(seed)
