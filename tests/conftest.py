@@ -18,3 +18,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory):
+    """A model repository exported once per session from a random-init model (all formats)."""
+    from training.export import ExportOptions, export
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    export(
+        repo,
+        ["onnx", "torchscript", "python"],
+        random_init=True,
+        opts=ExportOptions(topk=2000, gpu=False),
+        raw=True,
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    """uint8 (5, 300, 300, 3) smooth colour-field images."""
+    from training.model import smooth_noise_images
+
+    imgs = smooth_noise_images(5, seed=42)
+    return (imgs * 255).round().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).numpy()

@@ -130,3 +130,46 @@ def build_model(
             stacklevel=2,
         )
     return SSD300(ResNetBackbone(backbone, backbone_path), spec)
+
+
+def smooth_noise_images(n: int, size: int = 300, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) images in [0, 1]: random colour fields, bilinearly upsampled from 8x8."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g)
+    return nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def calibrate_random_model(model: SSD300, images: torch.Tensor | None = None) -> None:
+    """Make a randomly initialised model produce finite, unsaturated outputs.
+
+    A random model's BatchNorm layers start at mean 0 / variance 1, so in eval mode activations
+    grow layer after layer and the outputs saturate (every softmax exactly 1.0, boxes of 1e13).
+    This sets the BatchNorm statistics from ``images`` (normalised, default smooth noise) and
+    rescales each head so its outputs have a standard deviation of 1 (boxes) or 2 (logits). Good
+    for smoke tests and demos of the plumbing; no substitute for training.
+    """
+    if images is None:
+        spec = model.spec
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        images = (smooth_noise_images(4, spec.image_size) - mean) / std
+    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    model(images)
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+    features = [model.feature_extractor(images)]
+    for block in model.additional_blocks:
+        features.append(block(features[-1]))
+    for heads, target in ((model.loc, 1.0), (model.conf, 2.0)):
+        for head, f in zip(heads, features):
+            scale = target / head(f).std().clamp(min=1e-6)
+            head.weight.mul_(scale)
+            head.bias.mul_(scale)
+    model.train(was_training)
