@@ -23,7 +23,7 @@ def test_triton_python_backend_serves_the_export(model_repo, test_images, tmp_pa
         assert [i["name"] for i in meta["inputs"]] == ["images"]
         assert meta["inputs"][0]["datatype"] == "UINT8"
         cfg = client.get_model_config("ssd300_python", as_json=True)["config"]
-        assert cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == "64"
+        assert cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
         inp = grpcclient.InferInput("images", list(test_images[:3].shape), "UINT8")
         inp.set_data_from_numpy(test_images[:3])
         outs = [grpcclient.InferRequestedOutput(n) for n in ("boxes", "scores", "classes")]
