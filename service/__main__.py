@@ -1,0 +1,55 @@
+"""python -m service --host H --port P --model-repository DIR [--backend onnx|triton] [--triton-url URL]
+
+Flags override the settings, which come from environment variables prefixed SSD_.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model-repository")
+    p.add_argument("--model-name")
+    p.add_argument("--backend", choices=["onnx", "triton"])
+    p.add_argument("--triton-url")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    app = create_app(settings)
+    print(
+        f"SSD300 detection service on http://{settings.host}:{settings.port}/ "
+        f"(backend {settings.backend}, model {settings.model_name})",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The FastAPI app: thin routes over the pipeline; resources live in the lifespan."""
+
+
+import hmac
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.backends import Backend
+from service.batching import MicroBatcher
+from service.errors import ApiError, error_body
+from service.imaging import ImageLimits
+from service.metrics import Metrics
+from service.pipeline import DetectParams, Pipeline
+from service.settings import Settings
+from ssdcore.labels import resolve_class_filter
+
+log = logging.getLogger("service")
+STATIC = Path(__file__).with_name("static")
+_ROUTES = {
+    "/v1/detect",
+    "/v1/models",
+    "/livez",
+    "/readyz",
+    "/metrics",
+    "/",
+    "/docs",
+    "/openapi.json",
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def build_backend(settings: Settings) -> Backend:
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        return TritonBackend(
+            settings.triton_url,
+            settings.model_name,
+            settings.triton_timeout_s,
+            settings.model_repository,
+        )
+    from service.backends.onnx import OnnxBackend
+
+    return OnnxBackend(settings.model_repository, settings.model_name, settings.onnx_threads)
+
+
+class EdgeMiddleware:
+    """Outermost ASGI layer: request id, body-size cap, request metrics.
+
+    The body cap refuses a too large ``Content-Length`` before reading anything and counts the
+    bytes actually received (chunked bodies, lying headers), stopping at the cap: Starlette and
+    uvicorn put no total limit on multipart bodies themselves.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        route = scope["path"] if scope["path"] in _ROUTES else "unmatched"
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+                await self._too_large(scope, receive, send_wrapper, request_id)
+                return
+            received = 0
+
+            async def receive_capped() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise ApiError(413, "payload_too_large", self._limit_text())
+                return message
+
+            await self.app(scope, receive_capped, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, str(status_holder["status"])).inc()
+
+    def _limit_text(self) -> str:
+        return f"the request body is larger than {self.max_body} bytes"
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        response = JSONResponse(
+            error_body("payload_too_large", self._limit_text(), request_id),
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> ASGIApp:
+    """The ASGI app. ``backend`` may be injected (tests of faults); otherwise built from settings."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        be = backend or build_backend(settings)
+        await be.start()
+        if be.info.random_weights:
+            log.warning(
+                "THE MODEL %s HAS RANDOM WEIGHTS: its detections are meaningless. "
+                "Export a trained checkpoint with CHECKPOINT=... make serve",
+                be.info.name,
+            )
+        batcher = MicroBatcher(
+            be,
+            settings.batch_max_size,
+            settings.batch_max_delay_ms / 1e3,
+            settings.backend_concurrency,
+            metrics,
+        )
+        batcher.start()
+        pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        app.state.pipeline = Pipeline(
+            be,
+            batcher,
+            pool,
+            ImageLimits(settings.max_pixels, settings.max_side),
+            settings.request_timeout_s,
+            metrics,
+        )
+        app.state.in_flight = 0
+        try:
+            yield
+        finally:
+            await batcher.close()
+            pool.shutdown(wait=True)
+            await be.close()
+
+    app = FastAPI(
+        title="SSD300 detection service",
+        version="1.0",
+        summary="COCO object detection with SSD300 v1.1 (ResNet-50)",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(ApiError, errors.api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(Exception, errors.unexpected_error_handler)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+
+    def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        expected = settings.api_key.get_secret_value()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(
+                401, "unauthorized", "missing or wrong X-API-Key", {"WWW-Authenticate": "ApiKey"}
+            )
+
+    def pipeline(request: Request) -> Pipeline:
+        return request.app.state.pipeline
+
+    @app.post(
+        "/v1/detect",
+        dependencies=[Depends(require_api_key)],
+        summary="Detect objects in one image or a batch",
+        description=(
+            "Send a multipart form with one file in `image` (or several in `images`), or a raw "
+            "`image/jpeg`, `image/png` or `image/webp` body. Boxes are in pixels of the displayed "
+            "(EXIF-oriented) image."
+        ),
+        responses={
+            400: {"description": "bad image"},
+            413: {"description": "body too large"},
+            415: {"description": "unsupported body"},
+            503: {"description": "overloaded"},
+            504: {"description": "deadline exceeded"},
+        },
+    )
+    async def detect(
+        request: Request,
+        pipe: Annotated[Pipeline, Depends(pipeline)],
+        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = settings.score_threshold,
+        iou_threshold: Annotated[float, Query(gt=0.0, le=1.0)] = settings.iou_threshold,
+        max_detections: Annotated[int, Query(ge=1, le=1000)] = settings.max_detections,
+        classes: Annotated[
+            str | None, Query(max_length=2000, description="comma-separated names or COCO ids")
+        ] = None,
+    ) -> JSONResponse:
+        try:
+            allowed = frozenset(resolve_class_filter(classes.split(","))) if classes else None
+        except ValueError as exc:
+            raise ApiError(422, "invalid_parameter", str(exc)) from None
+        state = request.app.state
+        if state.in_flight >= settings.max_in_flight:
+            metrics.rejected.labels("in_flight").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+                {"Retry-After": "1"},
+            )
+        state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            uploads = await read_uploads(request, settings.max_files)
+            params = DetectParams(score_threshold, iou_threshold, max_detections, allowed)
+            body = await pipe.detect(uploads, params)
+        finally:
+            state.in_flight -= 1
+            metrics.in_flight.dec()
+        body["request_id"] = request.state.request_id
+        return JSONResponse(body)
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="The served model")
+    async def models(pipe: Annotated[Pipeline, Depends(pipeline)]) -> dict:
+        info = pipe.backend.info
+        return {
+            "models": [
+                {
+                    "name": info.name,
+                    "version": info.version,
+                    "backend": info.backend,
+                    "candidates_per_image": info.topk,
+                    "random_weights": info.random_weights,
+                    "ready": await pipe.backend.ready(),
+                    "metadata": info.metadata,
+                }
+            ],
+            "defaults": {
+                "score_threshold": settings.score_threshold,
+                "iou_threshold": settings.iou_threshold,
+                "max_detections": settings.max_detections,
+            },
+        }
+
+    @app.get("/livez", summary="The process is alive")
+    async def livez() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The backend's model is ready")
+    async def readyz(request: Request) -> JSONResponse:
+        pipe = getattr(request.app.state, "pipeline", None)
+        ok = pipe is not None and await pipe.backend.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return EdgeMiddleware(app, settings.max_body_bytes, metrics)
+
+
+async def read_uploads(request: Request, max_files: int) -> list[bytes]:
+    """The image bytes of a multipart form (`image` or `images`) or of a raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_files, max_fields=32, max_part_size=1024 * 1024)
+        except StarletteHTTPException as exc:
+            if "too many files" in str(exc.detail).lower():
+                raise ApiError(
+                    400, "too_many_files", f"at most {max_files} files per request"
+                ) from None
+            raise ApiError(
+                400, "invalid_multipart", f"malformed multipart body: {exc.detail}"
+            ) from None
+        try:
+            single = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+            many = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+            if len(single) > 1 or (single and many):
+                raise ApiError(
+                    400, "too_many_files", "send one file in 'image', or several in 'images'"
+                )
+            files = single or many
+            if not files:
+                raise ApiError(400, "missing_file", "no file in the form field 'image' or 'images'")
+            if len(files) > max_files:
+                raise ApiError(400, "too_many_files", f"at most {max_files} files per request")
+            return [await f.read() for f in files]
+        finally:
+            await form.close()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [await request.body()]
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send multipart/form-data with an 'image' field, or an image/* body",
+    )

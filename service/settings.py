@@ -1,0 +1,47 @@
+"""Service settings: environment variables with the prefix ``SSD_`` (e.g. ``SSD_BACKEND=triton``),
+overridden by the command-line flags of ``python -m service``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # backend: embedded ONNX Runtime (default, no server) or Triton over gRPC
+    backend: Literal["onnx", "triton"] = "onnx"
+    model_repository: Path = Path("model_repository")
+    model_name: str = "ssd300_onnx"  # fixed at start-up, never taken from a request
+    triton_url: str = "127.0.0.1:8001"
+    triton_timeout_s: float = Field(5.0, gt=0)  # deadline of every Triton call
+    onnx_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
+
+    # micro-batching in front of the backend
+    batch_max_size: int = Field(8, ge=1, le=256)
+    batch_max_delay_ms: float = Field(5.0, ge=0)
+    backend_concurrency: int = Field(1, ge=1)  # batches in flight at the backend at once
+
+    # limits (reliability spec §1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_files: int = Field(16, ge=1)
+    max_pixels: int = Field(50_000_000, ge=1)
+    max_side: int = Field(16_384, ge=1)
+    max_in_flight: int = Field(64, ge=1)  # requests being processed; excess gets 503
+    decode_workers: int = Field(2, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # security
+    api_key: SecretStr | None = None
+    cors_origins: list[str] = []
+
+    # response defaults
+    score_threshold: float = Field(0.3, ge=0, le=1)
+    iou_threshold: float = Field(0.5, gt=0, le=1)
+    max_detections: int = Field(100, ge=1, le=1000)
