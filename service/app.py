@@ -1,6 +1,5 @@
 """The FastAPI app: thin routes over the pipeline; resources live in the lifespan."""
 
-
 import hmac
 import logging
 import re
@@ -16,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +24,7 @@ from service.batching import MicroBatcher
 from service.errors import ApiError, error_body
 from service.imaging import ImageLimits
 from service.metrics import Metrics
+from service.multipart import read_form
 from service.pipeline import DetectParams, Pipeline
 from service.settings import Settings
 from ssdcore.labels import resolve_class_filter
@@ -42,6 +41,7 @@ _ROUTES = {
     "/docs",
     "/openapi.json",
 }
+MAX_HEADER_BYTES = 32 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -92,6 +92,13 @@ class EdgeMiddleware:
             await send(message)
 
         try:
+            if sum(len(k) + len(v) for k, v in scope.get("headers") or []) > MAX_HEADER_BYTES:
+                response = JSONResponse(
+                    error_body("headers_too_large", "request headers are too large", request_id),
+                    status_code=431,
+                )
+                await response(scope, receive, send_wrapper)
+                return
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
                 await self._too_large(scope, receive, send_wrapper, request_id)
@@ -291,33 +298,20 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
 async def read_uploads(request: Request, max_files: int) -> list[bytes]:
     """The image bytes of a multipart form (`image` or `images`) or of a raw image body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type", "")
+    ctype = content_type.split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        try:
-            form = await request.form(max_files=max_files, max_fields=32, max_part_size=1024 * 1024)
-        except StarletteHTTPException as exc:
-            if "too many files" in str(exc.detail).lower():
-                raise ApiError(
-                    400, "too_many_files", f"at most {max_files} files per request"
-                ) from None
+        form = await read_form(content_type, request.stream(), max_files)
+        single = [p for p in form.get("image", []) if p.is_file]
+        many = [p for p in form.get("images", []) if p.is_file]
+        if len(single) > 1 or (single and many):
             raise ApiError(
-                400, "invalid_multipart", f"malformed multipart body: {exc.detail}"
-            ) from None
-        try:
-            single = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
-            many = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
-            if len(single) > 1 or (single and many):
-                raise ApiError(
-                    400, "too_many_files", "send one file in 'image', or several in 'images'"
-                )
-            files = single or many
-            if not files:
-                raise ApiError(400, "missing_file", "no file in the form field 'image' or 'images'")
-            if len(files) > max_files:
-                raise ApiError(400, "too_many_files", f"at most {max_files} files per request")
-            return [await f.read() for f in files]
-        finally:
-            await form.close()
+                400, "too_many_files", "send one file in 'image', or several in 'images'"
+            )
+        files = single or many
+        if not files:
+            raise ApiError(400, "missing_file", "no file in the form field 'image' or 'images'")
+        return [bytes(p.data) for p in files]
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return [await request.body()]
     raise ApiError(

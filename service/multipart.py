@@ -1,0 +1,107 @@
+"""A small streaming multipart/form-data reader with our own limits.
+
+Starlette's form parser spools parts to temporary files, caps part header lines at 4 KiB (a 10 KiB
+file name would be a 400) and its limits cannot all be set. Bodies here are already capped by the
+edge middleware (10 MiB by default), so parts are kept in memory, files are counted as they
+arrive (the request is refused at the first file over the limit), text fields are capped and file
+names are parsed but never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import ApiError
+
+MAX_HEADER_SIZE = 64 * 1024  # one part header line (long file names are allowed, and ignored)
+MAX_FIELD_BYTES = 64 * 1024  # a non-file field
+MAX_PARTS = 2048
+
+
+@dataclass
+class Part:
+    name: str
+    is_file: bool
+    data: bytearray = field(default_factory=bytearray)
+
+
+def boundary_of(content_type: str) -> bytes:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "invalid_multipart", "multipart/form-data without a boundary")
+    return boundary
+
+
+async def read_form(
+    content_type: str, stream: AsyncIterator[bytes], max_files: int
+) -> dict[str, list[Part]]:
+    """Parse a multipart body; returns the parts by field name (files and text fields)."""
+    parts: list[Part] = []
+    state = {"headers": {}, "field": b"", "value": b"", "files": 0}
+
+    def on_part_begin() -> None:
+        state["headers"] = {}
+        if len(parts) >= MAX_PARTS:
+            raise ApiError(400, "too_many_parts", f"at most {MAX_PARTS} form parts")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+        if len(state["value"]) > MAX_HEADER_SIZE:
+            raise ApiError(400, "invalid_multipart", "a part header is too long")
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        disposition, options = parse_options_header(
+            state["headers"].get(b"content-disposition", b"")
+        )
+        if disposition != b"form-data":
+            raise ApiError(400, "invalid_multipart", "a part without form-data disposition")
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        is_file = b"filename" in options or b"filename*" in options
+        if is_file:
+            state["files"] += 1
+            if state["files"] > max_files:
+                raise ApiError(400, "too_many_files", f"at most {max_files} files per request")
+        parts.append(Part(name, is_file))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part = parts[-1]
+        part.data += data[start:end]
+        if not part.is_file and len(part.data) > MAX_FIELD_BYTES:
+            raise ApiError(
+                413, "field_too_large", f"a text field is larger than {MAX_FIELD_BYTES} bytes"
+            )
+
+    parser = MultipartParser(
+        boundary_of(content_type),
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+        },
+        max_header_size=MAX_HEADER_SIZE,
+    )
+    try:
+        async for chunk in stream:
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc}") from None
+    form: dict[str, list[Part]] = {}
+    for part in parts:
+        form.setdefault(part.name, []).append(part)
+    return form

@@ -1,0 +1,251 @@
+"""The HTTP API end to end over real HTTP (uvicorn), embedded ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.settings import Settings
+from tests.service.conftest import run_service
+from tests.service.images import encode, photo, png_header_only, with_exif_orientation
+
+JPEG = encode(photo(), "JPEG")
+
+
+def detect(client: httpx.Client, files=None, params=None, **kw) -> httpx.Response:
+    return client.post("/v1/detect", files=files, params=params or {}, **kw)
+
+
+def assert_error(resp: httpx.Response, status: int | tuple, code: str | None = None) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert resp.status_code in statuses, resp.text
+    body = resp.json()["error"]
+    assert set(body) == {"code", "message", "request_id"}
+    if code:
+        assert body["code"] == code, body
+    return body
+
+
+def test_detect_multipart(service):
+    with service.client() as c:
+        r = detect(c, {"image": ("x.jpg", JPEG, "image/jpeg")}, {"score_threshold": 0.2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {
+        "name": "ssd300_onnx",
+        "version": "1",
+        "backend": "onnxruntime",
+        "random_weights": True,
+    }
+    (image,) = body["images"]
+    assert (image["width"], image["height"]) == (640, 480)
+    dets = image["detections"]
+    assert 0 < len(dets) <= 100
+    for d in dets:
+        assert d["score"] >= 0.2 and 1 <= d["category_id"] <= 90 and d["label"]
+        b = d["box"]
+        assert 0 <= b["x1"] <= b["x2"] <= 640 and 0 <= b["y1"] <= b["y2"] <= 480
+    assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+    assert set(body["timings_ms"]) == {"decode", "queue", "infer", "postprocess", "total"}
+    assert r.headers["x-request-id"] == body["request_id"]
+
+
+def test_raw_body_and_batch_and_filters(service):
+    with service.client() as c:
+        raw = c.post("/v1/detect", content=JPEG, headers={"content-type": "image/jpeg"})
+        batch = detect(
+            c,
+            [
+                ("images", ("a.jpg", JPEG, "image/jpeg")),
+                ("images", ("b.png", encode(photo(seed=1), "PNG"), "image/png")),
+            ],
+        )
+        few = detect(c, {"image": ("x.jpg", JPEG)}, {"max_detections": 3, "score_threshold": 0.05})
+        person = detect(
+            c, {"image": ("x.jpg", JPEG)}, {"classes": "person,3", "score_threshold": 0.05}
+        )
+        bad_class = detect(c, {"image": ("x.jpg", JPEG)}, {"classes": "unicorn"})
+    assert raw.status_code == 200 and len(raw.json()["images"]) == 1
+    multi = multi_json = batch.json()
+    assert batch.status_code == 200 and [i["index"] for i in multi["images"]] == [0, 1]
+    assert multi_json["images"][0]["detections"] == raw.json()["images"][0]["detections"]
+    assert len(few.json()["images"][0]["detections"]) == 3
+    labels = {d["category_id"] for d in person.json()["images"][0]["detections"]}
+    assert labels and labels <= {1, 3}
+    assert_error(bad_class, 422, "invalid_parameter")
+
+
+def test_sniffed_not_declared(service):
+    with service.client() as c:
+        r = detect(c, {"image": ("x.png", JPEG, "image/png")})
+    assert r.status_code == 200
+
+
+def test_exif_orientation_over_http(service):
+    data = with_exif_orientation(photo(640, 480), 6)
+    with service.client() as c:
+        image = detect(c, {"image": ("x.jpg", data)}).json()["images"][0]
+    assert (image["width"], image["height"]) == (480, 640)
+    for d in image["detections"]:
+        assert d["box"]["x2"] <= 480 and d["box"]["y2"] <= 640
+
+
+BAD_INPUTS = [
+    ("empty", {"image": ("x.jpg", b"")}, 400, "empty_file"),
+    ("random", {"image": ("x.jpg", np.random.default_rng(1).bytes(4000))}, 400, "invalid_image"),
+    ("truncated", {"image": ("x.jpg", JPEG[: len(JPEG) // 2])}, 400, "invalid_image"),
+    ("png bomb", {"image": ("x.png", png_header_only(30000, 30000))}, 400, "image_too_large"),
+    ("1x20000", {"image": ("x.png", png_header_only(1, 20000))}, 400, "image_too_large"),
+    ("20000x1", {"image": ("x.png", png_header_only(20000, 1))}, 400, "image_too_large"),
+    ("gif", {"image": ("x.gif", encode(photo(64, 48), "GIF"))}, 400, "unsupported_format"),
+    ("tiff", {"image": ("x.tif", encode(photo(64, 48), "TIFF"))}, 400, "unsupported_format"),
+    ("bmp", {"image": ("x.bmp", encode(photo(64, 48), "BMP"))}, 400, "unsupported_format"),
+    ("pdf", {"image": ("x.pdf", encode(photo(64, 48), "PDF"))}, 400, "unsupported_format"),
+    ("two images", [("image", ("a.jpg", JPEG)), ("image", ("b.jpg", JPEG))], 400, "too_many_files"),
+    ("no file", {"other": ("a.jpg", JPEG)}, 400, "missing_file"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "files", "status", "code"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_inputs_repeated(service, name, files, status, code):
+    with service.client() as c:
+        for _ in range(3):
+            assert_error(detect(c, files), status, code)
+
+
+def test_too_many_files(service):
+    files = [("images", (f"{i}.jpg", b"x")) for i in range(1001)]
+    with service.client() as c:
+        assert_error(detect(c, files), 400, "too_many_files")
+
+
+def test_file_names_are_never_used(service):
+    with service.client() as c:
+        for name in ("../../etc/passwd", "a\x00b.jpg", "n" * 10240):
+            assert detect(c, {"image": (name, JPEG, "image/jpeg")}).status_code == 200
+
+
+def test_bodies_that_are_not_images(service):
+    with service.client() as c:
+        assert_error(c.post("/v1/detect", json={"image": "x"}), 415, "unsupported_media_type")
+        assert_error(
+            c.post("/v1/detect", content=b"hello", headers={"content-type": "text/plain"}), 415
+        )
+        r = c.post(
+            "/v1/detect", content=b"--x\r\n\r\n", headers={"content-type": "multipart/form-data"}
+        )
+        assert_error(r, (400, 415))
+        text = detect(c, data={"note": "x" * (2 * 1024 * 1024)}, files={"image": ("a.jpg", JPEG)})
+        assert_error(text, (400, 413))
+
+
+def test_body_cap(service):
+    cap = service.settings.max_body_bytes
+    with service.client() as c:
+        big = detect(c, {"image": ("x.jpg", b"\xff\xd8\xff" + b"0" * (cap + 10))})
+        assert_error(big, 413, "payload_too_large")
+
+        def chunks():
+            for _ in range(50):
+                yield b"\x00" * (1024 * 1024)
+
+        chunked = c.post("/v1/detect", content=chunks(), headers={"content-type": "image/jpeg"})
+        assert_error(chunked, 413, "payload_too_large")
+
+
+def test_lying_content_length(service):
+    """Content-Length far larger than the body: refused at once, without waiting for the body."""
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(
+            b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 999999999\r\n\r\nabc"
+        )
+        reply = s.recv(65536).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 413")
+    assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+
+
+def test_huge_header_rejected_and_worker_fine(service):
+    with service.client() as c:
+        r = c.get("/livez", headers={"x-big": "a" * 65536})
+        assert 400 <= r.status_code < 500
+    with service.client() as c:
+        assert c.get("/livez").status_code == 200
+
+
+def test_methods_paths_params(service):
+    with service.client() as c:
+        assert_error(c.get("/v1/detect"), 405)
+        assert_error(c.get("/nope"), 404)
+        for params in (
+            {"score_threshold": 2},
+            {"iou_threshold": 0},
+            {"max_detections": 0},
+            {"max_detections": "many"},
+        ):
+            assert_error(detect(c, {"image": ("x.jpg", JPEG)}, params), 422, "invalid_parameter")
+
+
+def test_probes_models_docs(service):
+    with service.client() as c:
+        assert c.get("/livez").json() == {"status": "ok"}
+        assert c.get("/readyz").json() == {"ready": True}
+        model = c.get("/v1/models").json()["models"][0]
+        assert model["random_weights"] is True and model["candidates_per_image"] == 2000
+        assert "/v1/detect" in c.get("/openapi.json").json()["paths"]
+        assert c.get("/docs").status_code == 200
+        assert "SSD300" in c.get("/").text
+
+
+def test_concurrency_32_parallel_requests_are_batched(service):
+    before_calls = service.metric("ssd_batch_size_count")
+    before_images = service.metric("ssd_batch_size_sum")
+    with service.client() as c, cf.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda _: detect(c, {"image": ("x.jpg", JPEG)}), range(32)))
+    assert [r.status_code for r in responses] == [200] * 32
+    first = responses[0].json()["images"][0]["detections"]
+    assert all(r.json()["images"][0]["detections"] == first for r in responses)
+    calls = service.metric("ssd_batch_size_count") - before_calls
+    images = service.metric("ssd_batch_size_sum") - before_images
+    assert images == 32
+    assert calls < 32, "requests were not batched"
+    assert service.metric("ssd_requests_total", route="/v1/detect", status="200") >= 32
+
+
+def test_api_key(model_repo):
+    settings = Settings(model_repository=model_repo, api_key="s3cret-key")
+    with run_service(settings) as live, live.client() as c:
+        assert_error(detect(c, {"image": ("x.jpg", JPEG)}), 401, "unauthorized")
+        assert_error(detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "wrong"}), 401)
+        ok = detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "s3cret-key"})
+        assert ok.status_code == 200
+        assert c.get("/livez").status_code == 200  # probes stay open
+
+
+def test_in_flight_limit_gives_503(model_repo):
+    settings = Settings(model_repository=model_repo, max_in_flight=1, batch_max_delay_ms=200)
+    big = encode(photo(2000, 1500), "PNG")
+    with run_service(settings) as live, live.client() as c, cf.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: detect(c, {"image": ("x.png", big)}), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert_error(rejected, 503, "overloaded")
+
+
+def test_image_dimension_reported_for_png_pass_through(service):
+    arr = photo(300, 300)
+    with service.client() as c:
+        image = detect(c, {"image": ("x.png", encode(arr, "PNG"))}).json()["images"][0]
+    assert (image["width"], image["height"]) == (300, 300)
+    Image.fromarray(arr)
