@@ -132,7 +132,7 @@ def to_pixel_detections(
                 "x2": round(float(b[2]), 2),
                 "y2": round(float(b[3]), 2),
             },
-            "score": round(float(s), 5),
+            "score": float(s),
             "category_id": int(CONTIGUOUS_TO_COCO[c]),
             "label": LABEL_NAMES[c],
         }

@@ -71,6 +71,9 @@ def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
 
     inputs/outputs: [{"name", "datatype", "shape"}] with the batch dimension first (-1 or N).
     """
+    # Triton's JSON metadata gives dimensions as strings
+    inputs = [{**t, "shape": [int(d) for d in t["shape"]]} for t in inputs]
+    outputs = [{**t, "shape": [int(d) for d in t["shape"]]} for t in outputs]
     want_in = {"images": ("UINT8", [300, 300, 3])}
     want_out = {"boxes": "FP32", "scores": "FP32", "classes": "INT32"}
     by_name = {t["name"]: t for t in inputs}
