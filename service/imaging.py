@@ -120,8 +120,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, limits: ImageLimits, size: int = SSD300.image_size) -> DecodedImage:
-    """Untrusted bytes -> the model's input (size x size RGB uint8) and the displayed size."""
+def decode_image(
+    data: bytes, limits: ImageLimits, size: int = SSD300.image_size, dct_scaling: bool = True
+) -> DecodedImage:
+    """Untrusted bytes -> the model's input (size x size RGB uint8) and the displayed size.
+
+    ``dct_scaling``: decode JPEGs at a reduced scale (1/2 .. 1/8) that still covers ``size``.
+    """
     if not data:
         raise ApiError(400, "empty_file", "the image is empty")
     fmt = sniff(data)
@@ -132,7 +137,7 @@ def decode_image(data: bytes, limits: ImageLimits, size: int = SSD300.image_size
             width, height = img.size
             _check_size(width, height, limits)
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-            if fmt == "JPEG":
+            if fmt == "JPEG" and dct_scaling:
                 img.draft("RGB", (size, size))  # DCT scaling: decode at 1/2, 1/4 or 1/8
             img.load()
         except ApiError:

@@ -35,6 +35,7 @@ class Pipeline:
     limits: ImageLimits
     timeout_s: float
     metrics: Metrics
+    dct_scaling: bool = True
 
     async def detect(self, uploads: list[bytes], params: DetectParams) -> dict:
         t0 = time.perf_counter()
@@ -64,9 +65,7 @@ class Pipeline:
 
     async def _decode(self, uploads: list[bytes]) -> list[DecodedImage]:
         loop = asyncio.get_running_loop()
-        tasks = [
-            loop.run_in_executor(self.pool, decode_image, data, self.limits) for data in uploads
-        ]
+        tasks = [loop.run_in_executor(self.pool, self._decode_one, data) for data in uploads]
         outcome = await asyncio.gather(*tasks, return_exceptions=True)
         for index, result in enumerate(outcome):
             if isinstance(result, ApiError):
@@ -76,6 +75,9 @@ class Pipeline:
             if isinstance(result, BaseException):
                 raise result
         return outcome
+
+    def _decode_one(self, data: bytes) -> DecodedImage:
+        return decode_image(data, self.limits, dct_scaling=self.dct_scaling)
 
     def _respond(
         self, images: list[DecodedImage], results: list[BatchResult], params: DetectParams

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_side: int = Field(16_384, ge=1)
     max_in_flight: int = Field(64, ge=1)  # requests being processed; excess gets 503
     decode_workers: int = Field(2, ge=1)
+    jpeg_dct_scaling: bool = True  # decode large JPEGs at 1/2..1/8 scale (see imaging.py)
     request_timeout_s: float = Field(30.0, gt=0)
 
     # security

@@ -1,0 +1,193 @@
+"""Gateway figures: its own cost per image (zero-cost backend) and its efficiency over a real one.
+
+1. Gateway CPU per image with a zero-cost backend (decode, resize, NMS, HTTP, JSON), for 640x480 and
+   4000x3000 JPEGs, with DCT-scaled JPEG decoding (default) and with full decoding: the CPU seconds
+   the server process used, divided by the images it answered.
+2. Efficiency: images/s through HTTP (service on the embedded ONNX Runtime backend, 640x480 JPEGs)
+   vs calling the same backend directly (already-resized images), at the same concurrency.
+Servers run as subprocesses; the client is this process (pre-encoded bodies, httpx threads).
+Run: .venv/bin/python benchmarks/gateway_bench.py [--seconds 20] [--repo model_repository]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import machine, table
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    img = coarse.resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 6, (height, width, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {cmd}")
+
+
+def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, float, int]:
+    """Post ``body`` as a raw image/jpeg from ``concurrency`` threads; returns (ok, seconds, errors)."""
+    stop = time.monotonic() + seconds
+    headers = {"content-type": "image/jpeg"}
+
+    def worker() -> tuple[int, int]:
+        ok = err = 0
+        with httpx.Client(timeout=60) as c:
+            while time.monotonic() < stop:
+                r = c.post(url + "/v1/detect", content=body, headers=headers)
+                ok, err = (ok + 1, err) if r.status_code == 200 else (ok, err + 1)
+        return ok, err
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda _: worker(), range(concurrency)))
+    return sum(r[0] for r in results), time.monotonic() - t0, sum(r[1] for r in results)
+
+
+def gateway_cost(seconds: float) -> list[list[object]]:
+    rows = []
+    bodies = {"640x480": jpeg(640, 480), "4000x3000": jpeg(4000, 3000)}
+    for dct in (True, False):
+        port = free_port()
+        proc = start(
+            [sys.executable, "benchmarks/zero_backend.py", str(port), "1" if dct else "0"], port
+        )
+        try:
+            for name, body in bodies.items():
+                url = f"http://127.0.0.1:{port}"
+                load(url, body, 4, 2)  # warm-up
+                c0 = cpu_seconds(proc.pid)
+                ok, elapsed, errors = load(url, body, 4, seconds)
+                used = cpu_seconds(proc.pid) - c0
+                rows.append(
+                    [
+                        name,
+                        f"{len(body) / 1e3:.0f} kB",
+                        "DCT-scaled" if dct else "full decode",
+                        f"{1e3 * used / ok:.2f}",
+                        f"{ok / elapsed:.0f}",
+                        errors,
+                    ]
+                )
+        finally:
+            proc.terminate()
+            proc.wait()
+    return rows
+
+
+async def direct_rate(repo: Path, concurrency: int, seconds: float) -> tuple[int, float]:
+    from service.backends.onnx import OnnxBackend
+
+    backend = OnnxBackend(repo, "ssd300_onnx")
+    await backend.start()
+    image = np.random.default_rng(0).integers(0, 256, (1, 300, 300, 3), dtype=np.uint8)
+    await backend.infer(image)
+    stop = time.monotonic() + seconds
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < stop:
+            await backend.infer(image)
+            done += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.monotonic() - t0
+    await backend.close()
+    return done, elapsed
+
+
+def efficiency(repo: Path, seconds: float, concurrency: int = 8) -> list[list[object]]:
+    port = free_port()
+    proc = start(
+        [sys.executable, "-m", "service", "--port", str(port), "--model-repository", str(repo)],
+        port,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = jpeg(640, 480)
+        load(url, body, concurrency, 5)
+        ok, elapsed, errors = load(url, body, concurrency, seconds)
+    finally:
+        proc.terminate()
+        proc.wait()
+    direct, d_elapsed = asyncio.run(direct_rate(repo, concurrency, seconds))
+    http_rate, direct_rate_ = ok / elapsed, direct / d_elapsed
+    return [
+        [
+            concurrency,
+            f"{direct_rate_:.2f}",
+            f"{http_rate:.2f}",
+            f"{http_rate / direct_rate_:.2f}",
+            errors,
+        ]
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--repo", type=Path, default=ROOT / "model_repository")
+    args = p.parse_args()
+    print(f"machine: {machine()}")
+    print("\nGateway CPU per image, zero-cost backend, 4 concurrent clients:")
+    print(
+        table(
+            ["image", "JPEG size", "decoding", "gateway CPU ms/image", "req/s", "errors"],
+            gateway_cost(args.seconds),
+        )
+    )
+    print("\nEfficiency over the embedded ONNX Runtime backend (640x480 JPEG):")
+    print(
+        table(
+            ["concurrency", "direct backend images/s", "HTTP images/s", "ratio", "errors"],
+            efficiency(args.repo, args.seconds),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
