@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             ImageLimits(settings.max_pixels, settings.max_side),
             settings.request_timeout_s,
             metrics,
+            dct_scaling=settings.jpeg_dct_scaling,
         )
         app.state.in_flight = 0
         try:

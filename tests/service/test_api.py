@@ -249,3 +249,16 @@ def test_image_dimension_reported_for_png_pass_through(service):
         image = detect(c, {"image": ("x.png", encode(arr, "PNG"))}).json()["images"][0]
     assert (image["width"], image["height"]) == (300, 300)
     Image.fromarray(arr)
+
+
+def test_dct_scaling_setting_reaches_the_decoder(model_repo):
+    """Full decoding and DCT-scaled decoding give (slightly) different pixels for a big JPEG."""
+    big = encode(photo(2400, 1800, seed=4), "JPEG", quality=95)
+    found = []
+    for dct in (True, False):
+        settings = Settings(model_repository=model_repo, jpeg_dct_scaling=dct)
+        with run_service(settings) as live, live.client() as c:
+            body = detect(c, {"image": ("x.jpg", big)}, {"score_threshold": 0.05}).json()
+            found.append(body["images"][0]["detections"])
+    assert found[0] and found[1]
+    assert found[0] != found[1]
