@@ -114,3 +114,60 @@ def write_json_atomic(data: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, in a weights-only-loadable form."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest epoch_*.pt / interrupted.pt in ``folder`` by its recorded position."""
+    folder = Path(folder)
+    manifest = folder / "latest.json"
+    if manifest.is_file():
+        try:
+            name = json.loads(manifest.read_text())["file"]
+            if (folder / name).is_file():
+                return folder / name
+        except (ValueError, KeyError):
+            pass
+    return None

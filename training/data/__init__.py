@@ -1,0 +1,106 @@
+"""Training data loaders: DALI (default) or the torchvision fallback, one interface.
+
+Both iterate (images (N,3,300,300) normalised, boxes (N,8732,4) xywh, labels (N,8732) int64) for
+one epoch per ``for`` loop and can report/restore their position for exact resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from training.data.coco import CocoTrainDataset
+
+
+class TorchTrainLoader:
+    """torchvision.transforms.v2 pipeline; order and augmentation fixed by (seed, epoch, rank)."""
+
+    def __init__(
+        self,
+        data: Path,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        max_images: int | None = None,
+    ) -> None:
+        self.dataset = CocoTrainDataset(data, "train2017", max_images=max_images)
+        self.sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.batch_size = batch_size
+        self.workers = workers
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**62)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            drop_last=True,
+            generator=g,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for i, batch in enumerate(loader):
+            if i < self.skip:
+                continue
+            yield batch
+        self.skip = 0
+
+    def state(self) -> str | None:
+        return None  # position is (epoch, batch) in the checkpoint; the order is reproducible
+
+
+class DaliLoader:
+    """DALI pipeline with checkpointing: its state is saved with ours for exact resume."""
+
+    def __init__(
+        self,
+        data: Path,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        threads: int,
+        seed: int,
+        device: torch.device,
+        fp16: bool,
+        state: str | None = None,
+    ) -> None:
+        from training.data.dali import DaliTrainLoader
+
+        self.inner = DaliTrainLoader(
+            data, batch_size, rank, world_size, threads, seed, device, fp16=fp16, checkpoint=state
+        )
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        pass  # DALI's own checkpoint already holds the position
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def state(self) -> str | None:
+        return self.inner.checkpoint()

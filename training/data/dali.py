@@ -1,0 +1,166 @@
+"""The training input pipeline in NVIDIA DALI: the reference recipe, one ``fn`` call per step.
+
+COCO reader (sharded, empty images skipped) -> random IoU crop -> decode only the crop ->
+horizontal flip with boxes -> resize 300x300 -> HSV (hue in degrees, U[-0.5, 0.5] like the
+reference, i.e. practically none) -> brightness/contrast -> normalise (ImageNet mean/std from the
+spec) -> box encoder with the shared default boxes.
+
+Runs on the CPU when there is no GPU (``device_id=None``); on a GPU JPEG decoding is ``mixed``
+and the colour operations run on the device. The only module that imports DALI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ssdcore.anchors import default_boxes
+from ssdcore.spec import SSD300, SSD300Spec
+
+READER = "coco_reader"
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation ranges (defaults: the reference's DALI pipeline)."""
+
+    crop_thresholds: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+    crop_scaling: tuple[float, float] = (0.3, 1.0)
+    crop_aspect_ratio: tuple[float, float] = (0.5, 2.0)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    contrast: tuple[float, float] = (0.5, 1.5)
+    brightness: tuple[float, float] = (0.875, 1.125)
+    hue_degrees: tuple[float, float] = (-0.5, 0.5)
+
+
+@pipeline_def(enable_conditionals=False)
+def ssd_train_pipeline(
+    file_root: str,
+    annotations_file: str,
+    shard_id: int,
+    num_shards: int,
+    gpu: bool,
+    fp16: bool,
+    spec: SSD300Spec = SSD300,
+    augment: Augment = Augment(),
+    with_gt: bool = False,
+):
+    jpegs, boxes, labels = fn.readers.coco(
+        name=READER,
+        file_root=file_root,
+        annotations_file=annotations_file,
+        ltrb=True,
+        ratio=True,
+        skip_empty=True,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=True,
+    )
+    crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
+        boxes,
+        labels,
+        thresholds=list(augment.crop_thresholds),
+        scaling=list(augment.crop_scaling),
+        aspect_ratio=list(augment.crop_aspect_ratio),
+        bbox_layout="xyXY",
+        allow_no_crop=True,
+        num_attempts=1,
+    )
+    images = fn.decoders.image_slice(
+        jpegs, crop_begin, crop_size, device="mixed" if gpu else "cpu", output_type=types.RGB
+    )
+    flip = fn.random.coin_flip(probability=0.5)
+    boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip)
+    images = fn.flip(images, horizontal=flip)
+    images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size)
+    images = fn.hsv(
+        images,
+        hue=fn.random.uniform(range=list(augment.hue_degrees)),
+        saturation=fn.random.uniform(range=list(augment.saturation)),
+        dtype=types.FLOAT,
+    )
+    images = fn.brightness_contrast(
+        images,
+        brightness=fn.random.uniform(range=list(augment.brightness)),
+        contrast=fn.random.uniform(range=list(augment.contrast)),
+        contrast_center=128,
+        dtype=types.UINT8,
+    )
+    images = fn.crop_mirror_normalize(
+        images,
+        mean=[m * 255 for m in spec.mean],
+        std=[s * 255 for s in spec.std],
+        dtype=types.FLOAT16 if fp16 else types.FLOAT,
+        output_layout="CHW",
+    )
+    anchors = np.asarray(default_boxes(spec, "ltrb")).reshape(-1).tolist()
+    enc_boxes, enc_labels = fn.box_encoder(boxes, labels, criteria=spec.match_iou, anchors=anchors)
+    if gpu:
+        enc_boxes, enc_labels = enc_boxes.gpu(), enc_labels.gpu()
+    if with_gt:  # the augmented ground truth too (tests)
+        return images, enc_boxes, enc_labels, boxes, labels
+    return images, enc_boxes, enc_labels
+
+
+class DaliTrainLoader:
+    """Iterates (images (N,3,300,300), boxes (N,8732,4) xywh, labels (N,8732) int64) per epoch.
+
+    Each rank reads its own shard; ``len()`` is the number of full batches of the shard.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_threads: int,
+        seed: int,
+        device: torch.device,
+        fp16: bool = False,
+        split: str = "train2017",
+        augment: Augment = Augment(),
+        checkpoint: str | None = None,
+    ) -> None:
+        gpu = device.type == "cuda"
+        self.pipe = ssd_train_pipeline(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device.index if gpu else None,
+            seed=seed,
+            file_root=str(data / split),
+            annotations_file=str(data / "annotations" / f"instances_{split}.json"),
+            shard_id=rank,
+            num_shards=world_size,
+            gpu=gpu,
+            fp16=fp16,
+            augment=augment,
+            prefetch_queue_depth=2,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
+        self.pipe.build()
+        self.iterator = DALIGenericIterator(
+            [self.pipe],
+            ["images", "boxes", "labels"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=True,
+        )
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self):
+        for (batch,) in self.iterator:
+            yield batch["images"], batch["boxes"], batch["labels"].long().squeeze(-1)
+
+    def checkpoint(self) -> str:
+        """The pipeline's serialised state (reader position, random generators)."""
+        return self.iterator.checkpoints()[0]

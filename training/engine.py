@@ -1,0 +1,171 @@
+"""Training and evaluation steps: explicit AMP, explicit DDP, the service's postprocess for eval."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssdcore.labels import CONTIGUOUS_TO_COCO
+from ssdcore.postprocess import postprocess
+from ssdcore.spec import REFERENCE_POSTPROCESS
+from training.coco_eval import coco_evaluate
+from training.data.coco import CocoEvalDataset, eval_collate
+from training.distributed import DistInfo, all_gather_objects, any_rank
+from training.served import ServedSSD
+
+EVAL_TOPK = 8732 * 80  # evaluation keeps every candidate: exactly the reference decode
+
+
+@dataclass
+class StepStats:
+    """Counters of one run, restored on resume."""
+
+    iteration: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for inf/NaN gradients
+    nonfinite_streak: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on BatchNorm parameters and biases (1-d tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def set_warmup_lr(optimizer, scheduler, iteration: int, warmup: int) -> None:
+    """Linear warmup on top of the epoch schedule: lr = scheduled lr x iteration / warmup."""
+    factor = 1.0 if warmup <= 0 or iteration >= warmup else iteration / warmup
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr * factor
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+) -> tuple[float, bool]:
+    """One optimizer step. Returns (loss, stepped). A non-finite loss skips the step."""
+    images, boxes, labels = (t.to(device, non_blocking=True) for t in batch)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        locs, logits = model(images)
+    loss = loss_fn(locs.float(), logits.float(), boxes.transpose(1, 2).float(), labels)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        # keep DDP's collectives in step: every rank runs backward on something finite
+        (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
+        optimizer.zero_grad(set_to_none=True)
+        return value, False
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    stepped = scale_before is None or scaler.get_scale() >= scale_before
+    return value, stepped
+
+
+def check_nonfinite(stats: StepStats, loss: float, max_streak: int, info: DistInfo) -> None:
+    """Count consecutive non-finite losses on any rank; stop every rank when persistent."""
+    bad = any_rank(not math.isfinite(loss), info)
+    stats.nonfinite_streak = stats.nonfinite_streak + 1 if bad else 0
+    if stats.nonfinite_streak > max_streak:
+        raise NonFiniteLoss(
+            f"the loss was not finite for {stats.nonfinite_streak} consecutive steps; stopping"
+        )
+
+
+def make_eval_loader(
+    data: Path, batch_size: int, info: DistInfo, workers: int, max_images: int | None = None
+) -> tuple[CocoEvalDataset, DataLoader]:
+    """Each rank takes every world_size-th image: every image exactly once, no padding."""
+    dataset = CocoEvalDataset(data, "val2017", max_images=max_images)
+    indices = list(range(info.rank, len(dataset), info.world_size))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=eval_collate,
+    )
+    return dataset, loader
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, amp: bool) -> list[dict]:
+    """COCO-format detections with the serving postprocess (reference parameters)."""
+    served = ServedSSD(model, topk=EVAL_TOPK).to(device).eval()
+    results: list[dict] = []
+    for images, ids, sizes in loader:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            boxes, scores, classes = served(images.to(device))
+        boxes, scores, classes = (
+            boxes.float().cpu().numpy(),
+            scores.float().cpu().numpy(),
+            classes.cpu().numpy(),
+        )
+        for b, s, c, image_id, (h, w) in zip(boxes, scores, classes, ids, sizes):
+            det = postprocess(b, s, c, REFERENCE_POSTPROCESS)
+            xyxy = det.boxes.astype(np.float64) * np.array([w, h, w, h])
+            for (x1, y1, x2, y2), score, label in zip(xyxy, det.scores, det.classes):
+                results.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(CONTIGUOUS_TO_COCO[label]),
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5),
+                    }
+                )
+    return results
+
+
+def evaluate(
+    model: nn.Module,
+    data: Path,
+    batch_size: int,
+    info: DistInfo,
+    amp: bool,
+    workers: int = 2,
+    max_images: int | None = None,
+) -> tuple[dict[str, float], str]:
+    """COCO mAP on val2017; every rank predicts its share, rank 0 runs COCOeval."""
+    was_training = model.training
+    model.eval()
+    dataset, loader = make_eval_loader(data, batch_size, info, workers, max_images)
+    t0 = time.perf_counter()
+    mine = predict(model, loader, info.device, amp)
+    gathered = all_gather_objects(mine, info)
+    model.train(was_training)
+    if not info.is_main:
+        return {}, ""
+    detections = [d for part in gathered for d in part]
+    ids = [im["id"] for im in dataset.images] if max_images else None
+    stats, summary = coco_evaluate(dataset.annotation_file, detections, ids)
+    summary += (
+        f"({len(dataset)} images, {len(detections)} detections, {time.perf_counter() - t0:.1f} s)\n"
+    )
+    return stats, summary

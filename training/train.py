@@ -1,0 +1,345 @@
+"""Train, evaluate or benchmark SSD300 on a COCO-format folder.
+
+    torchrun --nproc_per_node=N training/train.py --data /coco [--save runs/ssd] [--amp] ...
+
+``main`` reads top to bottom as the training flow; everything it calls is named for what it does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `torchrun training/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ssdcore.labels import LABEL_NAMES
+from training import distributed as D
+from training.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_save,
+    extract_state_dict,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_json_atomic,
+)
+from training.config import TrainConfig, parse_config
+from training.data.coco import DataError, check_data_folder
+from training.engine import (
+    NonFiniteLoss,
+    StepStats,
+    check_nonfinite,
+    evaluate,
+    param_groups,
+    set_warmup_lr,
+    train_step,
+)
+from training.loss import MultiboxLoss
+from training.metrics_log import MetricsLog, progress
+from training.model import build_model
+
+log = logging.getLogger("train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    info = D.setup(cfg.device)
+    logging.basicConfig(
+        level=logging.INFO if info.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {info.rank}] %(message)s",
+    )
+    validate(cfg, info)  # clear errors before any work
+    seed = cfg.seed if cfg.seed is not None else 0
+    D.seed_everything(seed + info.rank)
+    amp = cfg.amp and info.device.type == "cuda"
+    configure_backends(cfg, info)
+
+    model = build_model(cfg.backbone, cfg.backbone_path, warn_random=info.is_main).to(info.device)
+    loss_fn = MultiboxLoss().to(info.device)
+    lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp)
+    stats, start_epoch, skip, data_state = StepStats(), 0, 0, None
+    if cfg.checkpoint:
+        start_epoch, skip, data_state = restore(
+            cfg, info, model, optimizer, scheduler, scaler, stats
+        )
+    ddp = (
+        DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        if info.distributed
+        else model
+    )
+
+    if cfg.mode == "evaluation":
+        return run_evaluation(cfg, info, model, amp, epoch=start_epoch - 1)
+    loader = build_loader(cfg, info, seed, amp, data_state)
+    if cfg.mode.startswith("benchmark"):
+        return run_benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp)
+
+    metrics = MetricsLog(cfg, info)
+    stop = install_sigterm_handler()
+    metrics.event(
+        "start",
+        lr=lr,
+        world_size=info.world_size,
+        batches_per_epoch=len(loader),
+        config=cfg.to_dict(),
+    )
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch, skip)
+        bar = progress(info, len(loader), epoch, cfg.epochs, initial=skip)
+        done = skip
+        for batch in loader:
+            set_warmup_lr(optimizer, scheduler, stats.iteration, cfg.warmup)
+            t0 = time.perf_counter()
+            loss, stepped = train_step(
+                ddp,
+                loss_fn,
+                optimizer,
+                scaler,
+                batch,
+                info.device,
+                amp,
+                cfg.data_layout == "channels_last" and info.device.type == "cuda",
+            )
+            stats.skipped_steps += not stepped
+            stats.iteration += 1
+            done += 1
+            check_nonfinite(stats, loss, cfg.max_nan_steps, info)
+            metrics.step(
+                epoch,
+                stats,
+                loss,
+                optimizer,
+                cfg.batch_size * info.world_size,
+                time.perf_counter() - t0,
+                bar,
+            )
+            if D.any_rank(stop.requested, info):
+                save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch, done, loader)
+                log.info("SIGTERM: checkpoint written at epoch %d, batch %d; exiting", epoch, done)
+                return 0
+        bar.close()
+        skip = 0
+        set_warmup_lr(optimizer, scheduler, 0, 0)  # hand the scheduled lr back to the scheduler
+        scheduler.step()
+        if epoch in cfg.evaluation:
+            run_evaluation(cfg, info, model, amp, epoch, metrics)
+        save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
+    checksums = D.all_gather_objects(sum(float(p.double().sum()) for p in model.parameters()), info)
+    metrics.event("end", iteration=stats.iteration, skipped_steps=stats.skipped_steps,
+                  parameter_checksums=checksums)
+    D.cleanup()
+    return 0
+
+
+# ----------------------------------------------------------------------------- steps of main
+
+
+def validate(cfg: TrainConfig, info: D.DistInfo) -> None:
+    data = Path(cfg.data)
+    splits = (
+        ("val2017",)
+        if cfg.mode in ("evaluation", "benchmark-inference")
+        else ("train2017", "val2017")
+    )
+    try:
+        check_data_folder(data, splits)
+        from training.data.coco import load_index
+
+        for split in splits:
+            load_index(data / "annotations" / f"instances_{split}.json", skip_empty=False)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if cfg.mode in ("training", "benchmark-training") and cfg.batch_size < 2:
+        raise SystemExit(
+            "error: --batch-size must be at least 2 per process (BatchNorm on the "
+            "1x1 feature map cannot train on one image)"
+        )
+    if cfg.mode == "evaluation" and not cfg.checkpoint:
+        raise SystemExit("error: --mode evaluation needs --checkpoint")
+    if cfg.data_backend == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: DALI is not installed; use --data-backend torch") from None
+
+
+def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+
+
+def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state):
+    from training.data import DaliLoader, TorchTrainLoader
+
+    data = Path(cfg.data)
+    if cfg.data_backend == "dali":
+        return DaliLoader(
+            data,
+            cfg.batch_size,
+            info.rank,
+            info.world_size,
+            cfg.num_workers,
+            seed + info.rank,
+            info.device,
+            amp,
+            state,
+        )
+    return TorchTrainLoader(
+        data,
+        cfg.batch_size,
+        info.rank,
+        info.world_size,
+        cfg.num_workers,
+        seed,
+        cfg.max_train_images,
+    )
+
+
+class StopFlag:
+    requested = False
+
+
+def install_sigterm_handler() -> StopFlag:
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        flag.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def save(
+    cfg, info, model, optimizer, scheduler, scaler, stats, epoch: int, batch: int, loader
+) -> None:
+    """Collective: every rank contributes its RNG and data state; rank 0 writes atomically."""
+    per_rank = D.all_gather_objects({"rng": rng_state(), "data": loader.state()}, info)
+    if not cfg.save or not info.is_main:
+        return
+    folder = Path(cfg.save)
+    name = f"epoch_{epoch - 1}.pt" if batch == 0 else "interrupted.pt"
+    atomic_save(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,  # next epoch to run
+            "batch": batch,  # batches of that epoch already done
+            "iteration": stats.iteration,
+            "skipped_steps": stats.skipped_steps,
+            "config": cfg.to_dict(),
+            "label_map": dict(enumerate(LABEL_NAMES)),
+            "rank_state": per_rank,
+        },
+        folder / name,
+    )
+    write_json_atomic({"file": name, "epoch": epoch, "batch": batch}, folder / "latest.json")
+
+
+def restore(cfg, info, model, optimizer, scheduler, scaler, stats) -> tuple[int, int, str | None]:
+    """Load weights (any checkpoint) and, for ours, the full training state."""
+    try:
+        obj = read_checkpoint(cfg.checkpoint)
+        model.load_state_dict(extract_state_dict(obj))
+    except (CheckpointError, RuntimeError) as exc:
+        raise SystemExit(f"error: cannot use checkpoint {cfg.checkpoint}: {exc}") from None
+    if obj.get("format") != FORMAT or cfg.mode == "evaluation":
+        return int(obj.get("epoch", 0)) if isinstance(obj.get("epoch"), int) else 0, 0, None
+    optimizer.load_state_dict(obj["optimizer"])
+    scheduler.load_state_dict(obj["scheduler"])
+    scaler.load_state_dict(obj["scaler"])
+    stats.iteration, stats.skipped_steps = obj["iteration"], obj["skipped_steps"]
+    ranks = obj["rank_state"]
+    mine = ranks[info.rank] if info.rank < len(ranks) else ranks[0]
+    set_rng_state(mine["rng"])
+    log.info("resumed from %s at epoch %d, batch %d", cfg.checkpoint, obj["epoch"], obj["batch"])
+    return obj["epoch"], obj["batch"], mine["data"]
+
+
+def run_evaluation(cfg, info, model, amp, epoch: int, metrics=None) -> int:
+    stats, summary = evaluate(
+        model, Path(cfg.data), cfg.eval_batch_size, info, amp, workers=min(cfg.num_workers, 4)
+    )
+    if info.is_main:
+        print(summary, end="", flush=True)
+        log.info("epoch %d: mAP %.4f, mAP@0.5 %.4f", epoch, stats["AP"], stats["AP50"])
+        if metrics is not None:
+            metrics.event("eval", epoch=epoch, **stats)
+    return 0
+
+
+def run_benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp) -> int:
+    """Median images/s over --benchmark-iterations after --benchmark-warmup, data wait excluded."""
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    rates: list[float] = []
+    total = cfg.benchmark_warmup + cfg.benchmark_iterations
+    channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
+    if cfg.mode == "benchmark-training":
+        ddp.train()
+        while len(rates) < total:
+            for batch in loader:  # the time to fetch a batch is not counted
+                sync()
+                t0 = time.perf_counter()
+                train_step(ddp, loss_fn, optimizer, scaler, batch, info.device, amp, channels_last)
+                sync()
+                rates.append(batch[0].shape[0] / (time.perf_counter() - t0))
+                if len(rates) >= total:
+                    break
+    else:  # forward only, on one real batch already on the device (no data loading, no NMS)
+        ddp.eval()
+        images = next(iter(loader))[0].to(info.device)
+        reps = -(-cfg.eval_batch_size // images.shape[0])
+        images = images.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.float16, enabled=amp):
+            for _ in range(total):
+                sync()
+                t0 = time.perf_counter()
+                ddp(images)
+                sync()
+                rates.append(images.shape[0] / (time.perf_counter() - t0))
+    per_rank = statistics.median(rates[cfg.benchmark_warmup :])
+    everyone = D.sum_over_ranks(per_rank, info)
+    if info.is_main:
+        batch = cfg.batch_size if cfg.mode == "benchmark-training" else cfg.eval_batch_size
+        result = {
+            "mode": cfg.mode,
+            "median_images_per_s_total": everyone,
+            "median_images_per_s_per_process": everyone / info.world_size,
+            "world_size": info.world_size,
+            "batch_size": batch,
+            "amp": amp,
+            "device": str(info.device),
+            "iterations": cfg.benchmark_iterations,
+        }
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NonFiniteLoss as exc:
+        logging.getLogger("train").error("%s", exc)
+        D.cleanup()
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
