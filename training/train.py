@@ -138,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             run_evaluation(cfg, info, model, amp, epoch, metrics)
         save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
     checksums = D.all_gather_objects(sum(float(p.double().sum()) for p in model.parameters()), info)
-    metrics.event("end", iteration=stats.iteration, skipped_steps=stats.skipped_steps,
-                  parameter_checksums=checksums)
+    metrics.event(
+        "end",
+        iteration=stats.iteration,
+        skipped_steps=stats.skipped_steps,
+        parameter_checksums=checksums,
+    )
     D.cleanup()
     return 0
 
@@ -198,6 +202,7 @@ def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state
             info.device,
             amp,
             state,
+            cfg.augment,
         )
     return TorchTrainLoader(
         data,
@@ -207,6 +212,7 @@ def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state
         cfg.num_workers,
         seed,
         cfg.max_train_images,
+        cfg.augment,
     )
 
 

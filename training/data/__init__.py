@@ -26,8 +26,9 @@ class TorchTrainLoader:
         workers: int,
         seed: int,
         max_images: int | None = None,
+        augment: bool = True,
     ) -> None:
-        self.dataset = CocoTrainDataset(data, "train2017", max_images=max_images)
+        self.dataset = CocoTrainDataset(data, "train2017", max_images=max_images, augment=augment)
         self.sampler = DistributedSampler(
             self.dataset,
             num_replicas=world_size,
@@ -86,11 +87,21 @@ class DaliLoader:
         device: torch.device,
         fp16: bool,
         state: str | None = None,
+        augment: bool = True,
     ) -> None:
-        from training.data.dali import DaliTrainLoader
+        from training.data.dali import NO_AUGMENT, Augment, DaliTrainLoader
 
         self.inner = DaliTrainLoader(
-            data, batch_size, rank, world_size, threads, seed, device, fp16=fp16, checkpoint=state
+            data,
+            batch_size,
+            rank,
+            world_size,
+            threads,
+            seed,
+            device,
+            fp16=fp16,
+            checkpoint=state,
+            augment=Augment() if augment else NO_AUGMENT,
         )
 
     def __len__(self) -> int:

@@ -94,7 +94,15 @@ def check_data_folder(data: Path, splits: tuple[str, ...] = ("train2017", "val20
             raise DataError(f"{data} has no annotations/instances_{split}.json")
 
 
-def train_transform(spec: SSD300Spec = SSD300) -> T.Compose:
+def train_transform(spec: SSD300Spec = SSD300, augment: bool = True) -> T.Compose:
+    if not augment:
+        return T.Compose(
+            [
+                T.Resize((spec.image_size, spec.image_size), antialias=True),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(mean=list(spec.mean), std=list(spec.std)),
+            ]
+        )
     return T.Compose(
         [
             T.RandomIoUCrop(
@@ -126,11 +134,12 @@ class CocoTrainDataset(Dataset):
         split: str = "train2017",
         spec: SSD300Spec = SSD300,
         max_images: int | None = None,
+        augment: bool = True,
     ) -> None:
         self.root = data / split
         self.index = load_index(data / "annotations" / f"instances_{split}.json", skip_empty=True)
         self.images = self.index.images[:max_images] if max_images else self.index.images
-        self.transform = train_transform(spec)
+        self.transform = train_transform(spec, augment)
         self.encoder = BoxEncoder(spec)
         self.size = spec.image_size
 

@@ -36,6 +36,10 @@ class Augment:
     contrast: tuple[float, float] = (0.5, 1.5)
     brightness: tuple[float, float] = (0.875, 1.125)
     hue_degrees: tuple[float, float] = (-0.5, 0.5)
+    enabled: bool = True  # False: no crop, flip or colour change
+
+
+NO_AUGMENT = Augment(enabled=False)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -61,6 +65,10 @@ def ssd_train_pipeline(
         num_shards=num_shards,
         shuffle_after_epoch=True,
     )
+    if not augment.enabled:
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size)
+        return _finish(images, boxes, labels, gpu, fp16, spec, with_gt)
     crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
         boxes,
         labels,
@@ -91,6 +99,11 @@ def ssd_train_pipeline(
         contrast_center=128,
         dtype=types.UINT8,
     )
+    return _finish(images, boxes, labels, gpu, fp16, spec, with_gt)
+
+
+def _finish(images, boxes, labels, gpu: bool, fp16: bool, spec: SSD300Spec, with_gt: bool):
+    """Normalise, encode the boxes on the default boxes, move to the GPU when there is one."""
     images = fn.crop_mirror_normalize(
         images,
         mean=[m * 255 for m in spec.mean],
