@@ -1,0 +1,87 @@
+"""Synthetic COCO-format data and helpers for running the training job in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory) -> Path:
+    """16 training and 8 validation images, 4 classes."""
+    return generate(tmp_path_factory.mktemp("coco"), train=16, val=8, num_classes=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def overfit_coco(tmp_path_factory) -> Path:
+    """8 images, 2 classes; the validation split is the training split (to measure overfitting)."""
+    root = generate(
+        tmp_path_factory.mktemp("overfit"), train=8, val=0, num_classes=2, seed=3, max_objects=2
+    )
+    shutil.rmtree(root / "val2017")
+    shutil.copytree(root / "train2017", root / "val2017")
+    shutil.copy(
+        root / "annotations" / "instances_train2017.json",
+        root / "annotations" / "instances_val2017.json",
+    )
+    return root
+
+
+def run_train(
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 600,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run training/train.py through torchrun (CPU, gloo) and return the finished process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "training" / "train.py"),
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def step_losses(path: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(path) if r["event"] == "step"]
+
+
+SMALL = [
+    "--backbone",
+    "resnet18",
+    "--num-workers",
+    "1",
+    "--log-interval",
+    "1",
+    "--warmup",
+    "2",
+    "--seed",
+    "1",
+]

@@ -1,0 +1,119 @@
+"""The DALI training pipeline on the CPU: shapes, ranges, and targets that decode to the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ssdcore.anchors import default_boxes
+from ssdcore.postprocess import decode_boxes
+from ssdcore.spec import SSD300
+from training.box_coding import BoxEncoder
+from training.data.dali import NO_AUGMENT, READER, Augment, DaliTrainLoader, ssd_train_pipeline
+
+ANCHORS = np.array(default_boxes())
+
+
+def run_pipeline(root, augment: Augment, batches: int = 3):
+    pipe = ssd_train_pipeline(
+        batch_size=4,
+        num_threads=2,
+        device_id=None,
+        seed=5,
+        file_root=str(root / "train2017"),
+        annotations_file=str(root / "annotations" / "instances_train2017.json"),
+        shard_id=0,
+        num_shards=1,
+        gpu=False,
+        fp16=False,
+        augment=augment,
+        with_gt=True,
+    )
+    pipe.build()
+    out = []
+    for _ in range(batches):
+        images, boxes, labels, gt_boxes, gt_labels = pipe.run()
+        out.append(
+            (
+                np.array(images.as_tensor()),
+                np.array(boxes.as_tensor()),
+                np.array(labels.as_tensor()).reshape(4, -1),
+                [np.array(gt_boxes[i]) for i in range(4)],
+                [np.array(gt_labels[i]).reshape(-1) for i in range(4)],
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("augment", [Augment(), NO_AUGMENT], ids=["recipe", "no-augment"])
+def test_outputs_and_targets(synthetic_coco, augment):
+    mean = np.array(SSD300.mean).reshape(3, 1, 1)
+    std = np.array(SSD300.std).reshape(3, 1, 1)
+    for images, boxes, labels, gt_boxes, gt_labels in run_pipeline(synthetic_coco, augment):
+        assert images.shape == (4, 3, 300, 300) and images.dtype == np.float32
+        pixels = images * std + mean  # back to [0, 1]
+        assert pixels.min() >= -1e-3 and pixels.max() <= 1 + 1e-3
+        assert boxes.shape == (4, 8732, 4) and labels.shape == (4, 8732)
+        for i in range(4):
+            positive = labels[i] > 0
+            assert positive.any()
+            assert set(labels[i][positive]) <= set(gt_labels[i].tolist())
+            # targets -> offsets the network should predict -> decoded boxes == ground truth
+            offsets = BoxEncoder().offsets(torch.from_numpy(boxes[i]))
+            decoded = decode_boxes(offsets.t().unsqueeze(0).numpy(), ANCHORS)[0][positive]
+            gt = gt_boxes[i]
+            dist = np.abs(decoded[:, None, :] - gt[None, :, :]).max(-1)
+            assert dist.min(axis=1).max() < 1e-4
+            # every ground-truth box is the target of at least one anchor
+            assert (dist.min(axis=0) < 1e-4).all()
+            # background anchors keep their own box: zero offsets
+            assert np.abs(offsets[~torch.from_numpy(positive)].numpy()).max() < 1e-4
+
+
+def test_targets_match_the_python_encoder(synthetic_coco):
+    """Without augmentation DALI's box encoder agrees with ours (up to ties between anchors)."""
+    ((_images, boxes, labels, gt_boxes, gt_labels),) = run_pipeline(synthetic_coco, NO_AUGMENT, 1)
+    enc = BoxEncoder()
+    for i in range(4):
+        ours_boxes, ours_labels = enc.encode(
+            torch.from_numpy(gt_boxes[i]), torch.from_numpy(gt_labels[i]).long()
+        )
+        agree = (ours_labels.numpy() == labels[i]).mean()
+        assert agree > 0.999
+        same = ours_labels.numpy() == labels[i]
+        np.testing.assert_allclose(ours_boxes.numpy()[same], boxes[i][same], atol=1e-5)
+
+
+def test_sharding_splits_the_data(synthetic_coco):
+    def ids(rank):
+        loader = DaliTrainLoader(
+            synthetic_coco, 2, rank, 2, 1, 0, torch.device("cpu"), augment=NO_AUGMENT
+        )
+        return len(loader)
+
+    assert ids(0) == ids(1) == 4  # 16 images, 2 shards, batch 2
+
+
+def test_iterator_api(synthetic_coco):
+    pipe = ssd_train_pipeline(
+        batch_size=2,
+        num_threads=1,
+        device_id=None,
+        seed=1,
+        file_root=str(synthetic_coco / "train2017"),
+        annotations_file=str(synthetic_coco / "annotations" / "instances_train2017.json"),
+        shard_id=0,
+        num_shards=1,
+        gpu=False,
+        fp16=False,
+    )
+    pipe.build()
+    it = DALIGenericIterator(
+        [pipe],
+        ["images", "boxes", "labels"],
+        reader_name=READER,
+        last_batch_policy=LastBatchPolicy.DROP,
+    )
+    assert len(it) == 8
