@@ -76,13 +76,14 @@ def write_split(
     num_classes: int,
     max_objects: int,
     first_id: int,
+    sizes: tuple[tuple[int, int], ...] = SIZES,
 ) -> int:
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     ann_id = first_id
     for i in range(count):
-        width, height = SIZES[int(rng.integers(0, len(SIZES)))]
+        width, height = sizes[int(rng.integers(0, len(sizes)))]
         img, objects = draw_image(rng, width, height, num_classes, max_objects)
         image_id = first_id + i
         name = f"{image_id:012d}.jpg"
@@ -120,12 +121,15 @@ def generate(
     num_classes: int = 4,
     seed: int = 0,
     max_objects: int = 3,
+    size: tuple[int, int] | None = None,
 ) -> Path:
+    """Write the dataset; ``size`` fixes every image to (width, height) instead of varied sizes."""
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"--classes must be in 1..{len(CLASSES)}")
     rng = np.random.default_rng(seed)
-    next_id = write_split(root, "train", train, rng, num_classes, max_objects, 1)
-    write_split(root, "val", val, rng, num_classes, max_objects, next_id + 100_000)
+    sizes = (size,) if size else SIZES
+    next_id = write_split(root, "train", train, rng, num_classes, max_objects, 1, sizes)
+    write_split(root, "val", val, rng, num_classes, max_objects, next_id + 100_000, sizes)
     return root
 
 
@@ -140,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=16)
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--max-objects", type=int, default=3)
+    p.add_argument("--size", help="WIDTHxHEIGHT for every image (default: varied sizes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    generate(args.root, args.train, args.val, args.classes, args.seed, args.max_objects)
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    generate(args.root, args.train, args.val, args.classes, args.seed, args.max_objects, size)
     print(f"wrote {args.train} training and {args.val} validation images to {args.root}")
     return 0
 
