@@ -17,6 +17,7 @@ from ssdcore.labels import CONTIGUOUS_TO_COCO
 from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS
 from training.coco_eval import coco_evaluate
+from training.data import ignore_sigterm
 from training.data.coco import CocoEvalDataset, eval_collate
 from training.distributed import DistInfo, all_gather_objects, any_rank
 from training.served import ServedSSD
@@ -65,8 +66,13 @@ def train_step(
     device: torch.device,
     amp: bool,
     channels_last: bool,
+    info: DistInfo | None = None,
 ) -> tuple[float, bool]:
-    """One optimizer step. Returns (loss, stepped). A non-finite loss skips the step."""
+    """One optimizer step. Returns (loss, stepped).
+
+    A non-finite loss on any rank makes every rank skip the step together (parameters stay
+    identical across ranks); with AMP, GradScaler also skips steps whose gradients overflowed.
+    """
     images, boxes, labels = (t.to(device, non_blocking=True) for t in batch)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -74,7 +80,10 @@ def train_step(
         locs, logits = model(images)
     loss = loss_fn(locs.float(), logits.float(), boxes.transpose(1, 2).float(), labels)
     value = float(loss.detach())
-    if not math.isfinite(value):
+    bad = not math.isfinite(value)
+    if info is not None:
+        bad = any_rank(bad, info)
+    if bad:
         optimizer.zero_grad(set_to_none=True)
         # keep DDP's collectives in step: every rank runs backward on something finite
         (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
@@ -110,6 +119,7 @@ def make_eval_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
+        worker_init_fn=ignore_sigterm,
         collate_fn=eval_collate,
     )
     return dataset, loader

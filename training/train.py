@@ -44,6 +44,7 @@ from training.engine import (
     set_warmup_lr,
     train_step,
 )
+from training.faults import with_faults
 from training.loss import MultiboxLoss
 from training.metrics_log import MetricsLog, progress
 from training.model import build_model
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_backends(cfg, info)
 
     model = build_model(cfg.backbone, cfg.backbone_path, warn_random=info.is_main).to(info.device)
-    loss_fn = MultiboxLoss().to(info.device)
+    loss_fn = with_faults(MultiboxLoss().to(info.device), info.rank)
     lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 info.device,
                 amp,
                 cfg.data_layout == "channels_last" and info.device.type == "cuda",
+                info,
             )
             stats.skipped_steps += not stepped
             stats.iteration += 1

@@ -204,3 +204,112 @@ def test_clear_errors(tmp_path, synthetic_coco):
     assert broken.returncode != 0 and "not valid JSON" in broken.stderr
     one = run_train(["--data", str(synthetic_coco), "--batch-size", "1"], check=False)
     assert one.returncode != 0 and "at least 2 per process" in one.stderr
+
+
+def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path):
+    """SIGTERM to torchrun mid-epoch: a checkpoint, a clean exit, and an exact continuation."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.training.conftest import ROOT
+
+    common = [
+        "--data",
+        str(synthetic_coco),
+        "--batch-size",
+        "2",
+        "--evaluation",
+        "--epochs",
+        "1",
+        "--data-backend",
+        "torch",
+        *SMALL,
+    ]
+    straight = tmp_path / "straight"
+    run_train([*common, "--save", str(straight)])
+
+    first = tmp_path / "first"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(ROOT / "training" / "train.py"),
+        *common,
+        "--save",
+        str(first),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = first / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.exists() and len(step_losses(log)) >= 3:
+            break
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    ckpt = read_checkpoint(first / "interrupted.pt")
+    assert 3 <= ckpt["batch"] < 8 and ckpt["epoch"] == 0, out[-2000:]
+    assert json.loads((first / "latest.json").read_text())["file"] == "interrupted.pt"
+
+    second = tmp_path / "second"
+    run_train([*common, "--save", str(second), "--checkpoint", str(first / "interrupted.pt")])
+    losses = step_losses(first / "metrics.jsonl") + step_losses(second / "metrics.jsonl")
+    assert losses == step_losses(straight / "metrics.jsonl")
+
+
+def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path):
+    run_train(
+        [
+            "--data",
+            str(synthetic_coco),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--evaluation",
+            "--save",
+            str(tmp_path),
+            "--data-backend",
+            "torch",
+            *SMALL,
+        ],
+        nproc=2,
+        env={"SSD300_FAULT_NAN_AT": "2", "SSD300_FAULT_RANK": "1"},
+    )
+    end = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert end["skipped_steps"] == 1 and end["iteration"] == 4
+    a, b = end["parameter_checksums"]
+    assert a == b and math.isfinite(a)
+
+
+def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path):
+    proc = run_train(
+        [
+            "--data",
+            str(synthetic_coco),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--evaluation",
+            "--data-backend",
+            "torch",
+            "--max-nan-steps",
+            "2",
+            *SMALL,
+        ],
+        nproc=2,
+        env={"SSD300_FAULT_NAN_AT": "1,2,3,4,5,6,7,8", "SSD300_FAULT_RANK": "0"},
+        check=False,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "not finite for 3 consecutive steps" in proc.stderr

@@ -6,12 +6,19 @@ one epoch per ``for`` loop and can report/restore their position for exact resum
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from training.data.coco import CocoTrainDataset
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to the main process, which checkpoints and then shuts them down
+    (a preemption signals every process of the job at once)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchTrainLoader:
@@ -60,6 +67,7 @@ class TorchTrainLoader:
             num_workers=self.workers,
             drop_last=True,
             generator=g,
+            worker_init_fn=ignore_sigterm,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
