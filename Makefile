@@ -12,6 +12,10 @@ CHECKPOINT ?=
 REPO ?= model_repository
 STAMP := $(VENV)/.installed
 
+USERS ?= 1 4 16
+LOADTEST_SECONDS ?= 30
+LOADTEST_HOST ?=
+
 .PHONY: install system-deps test lint serve model bench loadtest clean
 
 $(STAMP): pyproject.toml
@@ -45,6 +49,13 @@ serve: model
 bench: install
 	$(PY) benchmarks/postprocess_bench.py
 	$(PY) benchmarks/forward_bench.py
+	$(PY) benchmarks/export_bench.py
+	$(PY) benchmarks/gateway_bench.py
+	$(PY) benchmarks/train_bench.py
+
+# locust headless against the service (started here on the embedded backend unless LOADTEST_HOST)
+loadtest: install
+	$(PY) loadtest/run.py --users $(USERS) --seconds $(LOADTEST_SECONDS) $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""A short locust run against the real service (embedded backend): zero failures."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_short_locust_run_has_no_failures(service, tmp_path):
+    corpus = tmp_path / "corpus"
+    subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "corpus.py"), "--out", str(corpus)], check=True
+    )
+    prefix = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--headless",
+            "--host",
+            service.url,
+            "--users",
+            "4",
+            "--spawn-rate",
+            "4",
+            "--run-time",
+            "15s",
+            "--csv",
+            str(prefix),
+            "--html",
+            f"{prefix}.html",
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"LOADTEST_CORPUS": str(corpus), "PATH": "/usr/bin:/bin"},
+    )
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 5, proc.stderr[-2000:]
+    assert int(total["Failure Count"]) == 0, proc.stderr[-2000:]
+    assert "POST /v1/detect (1 image)" in rows
+    assert proc.returncode == 0
+    assert Path(f"{prefix}.html").stat().st_size > 1000
