@@ -35,7 +35,7 @@ class ZeroCostBackend:
     async def start(self) -> None:
         pass
 
-    async def infer(self, images: np.ndarray) -> Candidates:
+    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
         n = images.shape[0]
         return Candidates(
             np.broadcast_to(self.boxes, (n, *self.boxes.shape)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(backend {settings.backend}, model {settings.model_name})",
         flush=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -48,7 +49,24 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=30,
         h11_max_incomplete_event_size=64 * 1024,
     )
+    # uvicorn re-raises the signal after its graceful shutdown; having drained every request,
+    # a SIGTERM then ends the process with status 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    DrainingServer(config, app.app.state).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness turns off at once, then uvicorn stops accepting connections,
+    lets in-flight requests finish (up to 30 s) and runs the lifespan shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        self.state.draining = True
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

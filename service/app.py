@@ -282,6 +282,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/readyz", summary="The backend's model is ready")
     async def readyz(request: Request) -> JSONResponse:
+        if getattr(request.app.state, "draining", False):
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
         pipe = getattr(request.app.state, "pipeline", None)
         ok = pipe is not None and await pipe.backend.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)

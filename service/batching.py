@@ -31,6 +31,7 @@ class _Item:
     pixels: np.ndarray  # (300, 300, 3) uint8
     future: asyncio.Future
     enqueued: float
+    deadline: float  # perf_counter time by which the request must be answered
 
 
 class MicroBatcher:
@@ -54,10 +55,14 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
-    async def submit(self, pixels: list[np.ndarray]) -> list[BatchResult]:
-        """Queue images and wait for their results (in the same order)."""
+    async def submit(self, pixels: list[np.ndarray], deadline: float) -> list[BatchResult]:
+        """Queue images and wait for their results (in the same order).
+
+        ``deadline`` (a ``time.perf_counter()`` value) bounds the backend call of their batch.
+        """
         loop = asyncio.get_running_loop()
-        items = [_Item(p, loop.create_future(), time.perf_counter()) for p in pixels]
+        now = time.perf_counter()
+        items = [_Item(p, loop.create_future(), now, deadline) for p in pixels]
         for item in items:
             self._queue.put_nowait(item)
         try:
@@ -98,7 +103,8 @@ class MicroBatcher:
             images = np.stack([i.pixels for i in batch])
             self.metrics.batch_size.observe(len(batch))
             try:
-                out = await self.backend.infer(images)
+                remaining = min(i.deadline for i in batch) - time.perf_counter()
+                out = await self.backend.infer(images, timeout=max(0.01, remaining))
             except Exception as exc:  # delivered to every waiting request
                 for item in batch:
                     if not item.future.done():

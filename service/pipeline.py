@@ -43,7 +43,9 @@ class Pipeline:
             async with asyncio.timeout(self.timeout_s):
                 images = await self._decode(uploads)
                 t_decoded = time.perf_counter()
-                results = await self.batcher.submit([im.pixels for im in images])
+                results = await self.batcher.submit(
+                    [im.pixels for im in images], deadline=t0 + self.timeout_s
+                )
                 t_inferred = time.perf_counter()
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(self.pool, self._respond, images, results, params)

@@ -62,9 +62,16 @@ class TritonProcess:
 
 
 def start_triton(
-    repo: Path, models: list[str], log_path: Path, timeout: float = 60
+    repo: Path,
+    models: list[str],
+    log_path: Path,
+    timeout: float = 60,
+    ports: tuple[int, int] | None = None,
 ) -> TritonProcess:
-    """Start tritonserver on free ports with only ``models`` loaded; wait until ready."""
+    """Start tritonserver with only ``models`` loaded; wait until ready.
+
+    ``ports``: (grpc, http) to reuse (a restart); default: free ports.
+    """
     import urllib.request
 
     backends = prepare_python_backend()
@@ -73,7 +80,8 @@ def start_triton(
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = f"{libs}:{env.get('LD_LIBRARY_PATH', '')}"
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    grpc_port, http_port = ports or (_free_port(), _free_port())
+    metrics_port = _free_port()
     cmd = [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repo}",
@@ -87,7 +95,7 @@ def start_triton(
         "--exit-on-error=true",
         "--log-verbose=0",
     ]
-    log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = TritonProcess(proc, grpc_port, http_port, log_path)
     deadline = time.monotonic() + timeout

@@ -159,15 +159,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest epoch_*.pt / interrupted.pt in ``folder`` by its recorded position."""
+MANIFEST = "checkpoints.json"
+
+
+def load_manifest(folder: str | Path) -> list[dict]:
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())["checkpoints"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def record_checkpoint(folder: str | Path, name: str, **info: Any) -> None:
+    """List a complete checkpoint file (with its SHA-256) in the folder's manifest.
+
+    Called after the file itself is safely renamed into place; the manifest is written last and
+    atomically, so whatever it lists is complete. Newest last.
+    """
     folder = Path(folder)
-    manifest = folder / "latest.json"
-    if manifest.is_file():
-        try:
-            name = json.loads(manifest.read_text())["file"]
-            if (folder / name).is_file():
-                return folder / name
-        except (ValueError, KeyError):
-            pass
-    return None
+    entries = [e for e in load_manifest(folder) if e.get("file") != name]
+    entries.append({"file": name, "sha256": file_sha256(folder / name), **info})
+    write_json_atomic({"checkpoints": entries}, folder / MANIFEST)
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    return path.is_file() and file_sha256(path) == sha256
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, and warnings about the ones skipped.
+
+    A folder: its newest intact checkpoint. A file listed in its folder's manifest whose bytes no
+    longer match the recorded SHA-256 (truncated, bit-flipped): the newest intact one listed
+    before it. A file not listed anywhere (NVIDIA's, say) is used as it is.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    entries = load_manifest(folder)
+    if path.is_dir():
+        if not entries:
+            raise CheckpointError(f"{path} has no {MANIFEST}: pass a checkpoint file")
+        candidates = entries
+    else:
+        listed = [i for i, e in enumerate(entries) if e.get("file") == path.name]
+        if not listed:
+            return path, []
+        candidates = entries[: listed[-1] + 1]
+    warnings = []
+    for entry in reversed(candidates):
+        file = folder / entry["file"]
+        if _intact(file, entry["sha256"]):
+            return file, warnings
+        warnings.append(
+            f"{file} is missing or does not match its recorded SHA-256 "
+            "(truncated or corrupted); falling back to an older checkpoint"
+        )
+    raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(warnings))

@@ -29,9 +29,10 @@ from training.checkpoint import (
     atomic_save,
     extract_state_dict,
     read_checkpoint,
+    record_checkpoint,
+    resolve_checkpoint,
     rng_state,
     set_rng_state,
-    write_json_atomic,
 )
 from training.config import TrainConfig, parse_config
 from training.data.coco import DataError, check_data_folder
@@ -44,7 +45,7 @@ from training.engine import (
     set_warmup_lr,
     train_step,
 )
-from training.faults import with_faults
+from training.faults import fault_payload, with_faults
 from training.loss import MultiboxLoss
 from training.metrics_log import MetricsLog, progress
 from training.model import build_model
@@ -255,16 +256,20 @@ def save(
             "config": cfg.to_dict(),
             "label_map": dict(enumerate(LABEL_NAMES)),
             "rank_state": per_rank,
+            **fault_payload(epoch, batch),
         },
         folder / name,
     )
-    write_json_atomic({"file": name, "epoch": epoch, "batch": batch}, folder / "latest.json")
+    record_checkpoint(folder, name, epoch=epoch, batch=batch, iteration=stats.iteration)
 
 
 def restore(cfg, info, model, optimizer, scheduler, scaler, stats) -> tuple[int, int, str | None]:
     """Load weights (any checkpoint) and, for ours, the full training state."""
     try:
-        obj = read_checkpoint(cfg.checkpoint)
+        path, skipped = resolve_checkpoint(cfg.checkpoint)
+        for warning in skipped:
+            log.warning("%s", warning)
+        obj = read_checkpoint(path)
         model.load_state_dict(extract_state_dict(obj))
     except (CheckpointError, RuntimeError) as exc:
         raise SystemExit(f"error: cannot use checkpoint {cfg.checkpoint}: {exc}") from None
@@ -277,7 +282,7 @@ def restore(cfg, info, model, optimizer, scheduler, scaler, stats) -> tuple[int,
     ranks = obj["rank_state"]
     mine = ranks[info.rank] if info.rank < len(ranks) else ranks[0]
     set_rng_state(mine["rng"])
-    log.info("resumed from %s at epoch %d, batch %d", cfg.checkpoint, obj["epoch"], obj["batch"])
+    log.info("resumed from %s at epoch %d, batch %d", path, obj["epoch"], obj["batch"])
     return obj["epoch"], obj["batch"], mine["data"]
 
 

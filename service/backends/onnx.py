@@ -63,7 +63,8 @@ class OnnxBackend:
         )
         return Candidates(boxes, scores, classes)
 
-    async def infer(self, images: np.ndarray) -> Candidates:
+    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
+        # an ONNX Runtime run cannot be aborted; the request's own deadline still applies
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, images)
 

@@ -29,12 +29,12 @@ from service.backends import (
 
 log = logging.getLogger("service.triton")
 
+# No keepalive: it would also set TCP_USER_TIMEOUT, and a hung (not dead) server would then show
+# up as a broken connection (503) instead of a request that missed its deadline (504).
 CHANNEL_ARGS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 2_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
@@ -79,19 +79,20 @@ class TritonBackend:
             self.model_name, version, "triton", k, extra.get("random_init"), extra
         )
 
-    async def infer(self, images: np.ndarray) -> Candidates:
+    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
         inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
         outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
+        deadline = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
         try:
             result = await self.client.infer(
-                self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s
+                self.model_name, [inp], outputs=outputs, client_timeout=deadline
             )
         except InferenceServerException as exc:
             status, message = _status(exc), exc.message() or str(exc)
             if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
                 raise BackendTimeout(
-                    f"the model server did not answer within {self.timeout_s} s"
+                    f"the model server did not answer within {deadline:.2f} s"
                 ) from None
             if (
                 "queue" in message.lower()

@@ -45,7 +45,8 @@ def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
     assert len(ckpt["rank_state"]) == 2 and all(r["data"] for r in ckpt["rank_state"])
     assert ckpt["config"]["batch_size"] == 2
-    assert json.loads((tmp_path / "latest.json").read_text())["file"] == "epoch_0.pt"
+    (entry,) = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
+    assert entry["file"] == "epoch_0.pt" and len(entry["sha256"]) == 64
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -257,7 +258,8 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path):
     assert time.monotonic() - t0 < 30
     ckpt = read_checkpoint(first / "interrupted.pt")
     assert 3 <= ckpt["batch"] < 8 and ckpt["epoch"] == 0, out[-2000:]
-    assert json.loads((first / "latest.json").read_text())["file"] == "interrupted.pt"
+    manifest = json.loads((first / "checkpoints.json").read_text())["checkpoints"]
+    assert manifest[-1]["file"] == "interrupted.pt"
 
     second = tmp_path / "second"
     run_train([*common, "--save", str(second), "--checkpoint", str(first / "interrupted.pt")])
@@ -313,3 +315,81 @@ def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path):
     )
     assert proc.returncode != 0
     assert "not finite for 3 consecutive steps" in proc.stderr
+
+
+def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tmp_path):
+    """A crash while writing epoch_1.pt leaves epoch_0.pt valid; a corrupted newest checkpoint
+    is detected and resuming falls back to the previous one."""
+    common = [
+        "--data",
+        str(synthetic_coco),
+        "--batch-size",
+        "4",
+        "--evaluation",
+        "--data-backend",
+        "torch",
+        "--max-train-images",
+        "8",
+        *SMALL,
+    ]
+    crashed = run_train(
+        [*common, "--epochs", "3", "--save", str(tmp_path)],
+        check=False,
+        env={"SSD300_FAULT_KILL_SAVING": "2"},
+    )
+    assert crashed.returncode != 0
+    manifest = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
+    assert [e["file"] for e in manifest] == ["epoch_0.pt"]
+    assert not (tmp_path / "epoch_1.pt").exists()
+    read_checkpoint(tmp_path / "epoch_0.pt")  # still intact
+
+    resumed = run_train(
+        [*common, "--epochs", "3", "--save", str(tmp_path), "--checkpoint", str(tmp_path)]
+    )
+    assert "resumed from" in resumed.stderr and "epoch_0.pt" in resumed.stderr
+    names = [
+        e["file"] for e in json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
+    ]
+    assert names == ["epoch_0.pt", "epoch_1.pt", "epoch_2.pt"]
+
+    # flip one byte in the newest checkpoint: detected, and epoch_1.pt is used instead
+    newest = tmp_path / "epoch_2.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    again = run_train(
+        [*common, "--epochs", "3", "--save", str(tmp_path / "again"), "--checkpoint", str(newest)]
+    )
+    assert "does not match its recorded SHA-256" in again.stderr
+    assert "epoch_1.pt at epoch 2" in again.stderr
+
+
+def test_malicious_checkpoint_is_refused_by_the_job(synthetic_coco, tmp_path):
+    import os
+
+    from tests.training.test_checkpoint import _Evil
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+
+    class Payload(_Evil):
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {}, "x": Payload()}, evil)
+    proc = run_train(
+        [
+            "--data",
+            str(synthetic_coco),
+            "--checkpoint",
+            str(evil),
+            *SMALL,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0 and "weights-only" in proc.stderr
+    assert not marker.exists()

@@ -1,0 +1,79 @@
+"""Graceful shutdown under load: SIGTERM loses no in-flight request and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import free_port
+from tests.service.images import encode, photo
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_under_load(model_repo):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            str(port),
+            "--model-repository",
+            str(model_repo),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+
+    body = encode(photo(), "JPEG")
+    records: list[tuple[float, int | str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    records.append(
+                        (t0, c.post("/v1/detect", files={"image": ("x.jpg", body)}).status_code)
+                    )
+                except httpx.HTTPError as exc:
+                    records.append((t0, type(exc).__name__))
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    while sum(1 for _, s in records if s == 200) < 3:
+        time.sleep(0.05)
+    time.sleep(0.3)  # requests in flight now
+    sent_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    before = [s for t0, s in records if t0 < sent_at]
+    assert code == 0
+    assert before and all(s == 200 for s in before), before

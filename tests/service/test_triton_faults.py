@@ -1,0 +1,132 @@
+"""The gateway under a real tritonserver that is killed, restarted and hung (reliability §3)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.service.conftest import run_service
+from tests.service.images import encode, photo
+from tests.triton_server import start_triton
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+JPEG = encode(photo(), "JPEG")
+
+
+class Load:
+    """Background clients posting images; records (start, end, status) of every request."""
+
+    def __init__(self, url: str, clients: int = 3) -> None:
+        self.url = url
+        self.records: list[tuple[float, float, int]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    status = c.post("/v1/detect", files={"image": ("x.jpg", JPEG)}).status_code
+                except httpx.HTTPError:
+                    status = -1
+                self.records.append((t0, time.monotonic(), status))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(step)
+    raise AssertionError("condition not reached")
+
+
+def test_triton_killed_and_restarted(model_repo, tmp_path):
+    log = tmp_path / "triton.log"
+    server = start_triton(model_repo, ["ssd300_python"], log)
+    ports = (server.grpc_port, server.http_port)
+    settings = Settings(
+        backend="triton",
+        triton_url=server.grpc_url,
+        model_name="ssd300_python",
+        model_repository=model_repo,
+        request_timeout_s=5.0,
+        triton_timeout_s=5.0,
+    )
+    try:
+        with run_service(settings) as live, Load(live.url) as load:
+            wait_for(lambda: any(s == 200 for _, _, s in load.records), 30)
+            killed_at = time.monotonic()
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait()
+            first_503 = wait_for(
+                lambda: any(s == 503 and t1 > killed_at for _, t1, s in load.records), 10
+            )
+            assert httpx.get(live.url + "/readyz").status_code == 503
+            time.sleep(1.0)
+            server = start_triton(model_repo, ["ssd300_python"], log, ports=ports)
+            ready_at = time.monotonic()
+            recovery = wait_for(
+                lambda: any(s == 200 and t0 > ready_at for t0, _, s in load.records), 15
+            )
+            wait_for(lambda: httpx.get(live.url + "/readyz").status_code == 200, 5)
+        statuses = {s for _, _, s in load.records}
+        hung = [t1 - t0 for t0, t1, _ in load.records if t1 - t0 > settings.request_timeout_s + 1]
+    finally:
+        server.stop()
+    print(f"first 503 {first_503:.2f} s after the kill; 200 again {recovery:.2f} s after ready")
+    assert first_503 <= 1.0
+    assert recovery <= 5.0
+    assert statuses <= {200, 503}, statuses
+    assert not hung
+
+
+def test_triton_hung_gives_504_at_the_deadline(model_repo, tmp_path):
+    server = start_triton(model_repo, ["ssd300_python"], tmp_path / "triton.log")
+    deadline = 2.0
+    settings = Settings(
+        backend="triton",
+        triton_url=server.grpc_url,
+        model_name="ssd300_python",
+        model_repository=model_repo,
+        request_timeout_s=deadline,
+    )
+    try:
+        with run_service(settings) as live, live.client() as c:
+            assert c.post("/v1/detect", files={"image": ("x.jpg", JPEG)}).status_code == 200
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                results = []
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    r = c.post("/v1/detect", files={"image": ("x.jpg", JPEG)})
+                    results.append((r.status_code, time.monotonic() - t0, r.json()))
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            wait_for(
+                lambda: c.post("/v1/detect", files={"image": ("x.jpg", JPEG)}).status_code == 200,
+                20,
+                0.2,
+            )
+    finally:
+        server.stop()
+    for status, elapsed, body in results:
+        assert status == 504 and body["error"]["code"] == "backend_timeout", (status, elapsed, body)
+        assert abs(elapsed - deadline) <= 0.5, elapsed
