@@ -42,6 +42,24 @@ _ROUTES = {
     "/openapi.json",
 }
 MAX_HEADER_BYTES = 32 * 1024
+_BINARY = {"type": "string", "format": "binary"}
+DETECT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {**_BINARY, "description": "one image (JPEG, PNG or WebP)"},
+                    "images": {"type": "array", "items": _BINARY, "description": "a batch"},
+                },
+            }
+        },
+        "image/jpeg": {"schema": _BINARY},
+        "image/png": {"schema": _BINARY},
+        "image/webp": {"schema": _BINARY},
+    },
+}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -205,6 +223,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     @app.post(
         "/v1/detect",
         dependencies=[Depends(require_api_key)],
+        openapi_extra={"requestBody": DETECT_BODY},
         summary="Detect objects in one image or a batch",
         description=(
             "Send a multipart form with one file in `image` (or several in `images`), or a raw "

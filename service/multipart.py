@@ -9,6 +9,7 @@ names are parsed but never used.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ApiError
+
+# malformed bodies are answered with a 400; the parser's own per-byte warnings would only flood logs
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 MAX_HEADER_SIZE = 64 * 1024  # one part header line (long file names are allowed, and ignored)
 MAX_FIELD_BYTES = 64 * 1024  # a non-file field
