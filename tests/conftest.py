@@ -43,3 +43,30 @@ def test_images():
 
     imgs = smooth_noise_images(5, seed=42)
     return (imgs * 255).round().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Record reliability figures: {case: {"expected", "observed", "figure"}}.
+
+    Written as JSON to $SSD300_FIGURES when set (loadtest/reliability_report.py renders them
+    into docs/reliability.md); otherwise only kept in memory.
+    """
+    import json
+    import os
+
+    table: dict[str, dict] = {}
+
+    def record(case: str, expected: str, observed: str, figure: str) -> None:
+        table[case] = {"expected": expected, "observed": observed, "figure": figure}
+
+    yield record
+    path = os.environ.get("SSD300_FIGURES")
+    if path and table:
+        existing = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = json.load(f)
+        existing.update(table)
+        with open(path, "w") as f:
+            json.dump(existing, f, indent=2)

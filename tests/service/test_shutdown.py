@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_under_load(model_repo):
+def test_sigterm_under_load(model_repo, figures):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
@@ -75,5 +75,11 @@ def test_sigterm_under_load(model_repo):
     for t in threads:
         t.join(timeout=30)
     before = [s for t0, s in records if t0 < sent_at]
+    figures(
+        "graceful shutdown (SIGTERM under load, 6 clients)",
+        "in-flight finish, exit 0",
+        f"exit {code}",
+        f"{sum(s != 200 for s in before)} failed of {len(before)} requests sent before the signal",
+    )
     assert code == 0
     assert before and all(s == 200 for s in before), before

@@ -58,7 +58,7 @@ def wait_for(predicate, timeout: float, step: float = 0.05) -> float:
     raise AssertionError("condition not reached")
 
 
-def test_triton_killed_and_restarted(model_repo, tmp_path):
+def test_triton_killed_and_restarted(model_repo, tmp_path, figures):
     log = tmp_path / "triton.log"
     server = start_triton(model_repo, ["ssd300_python"], log)
     ports = (server.grpc_port, server.http_port)
@@ -91,14 +91,20 @@ def test_triton_killed_and_restarted(model_repo, tmp_path):
         hung = [t1 - t0 for t0, t1, _ in load.records if t1 - t0 > settings.request_timeout_s + 1]
     finally:
         server.stop()
-    print(f"first 503 {first_503:.2f} s after the kill; 200 again {recovery:.2f} s after ready")
+    figures(
+        "Triton killed under load, restarted",
+        "503 while down, /readyz false, back after",
+        f"statuses {sorted(statuses)}; {len(hung)} hung requests",
+        f"first 503 {first_503:.2f} s after the kill; 200 again {recovery:.2f} s after Triton "
+        "was ready",
+    )
     assert first_503 <= 1.0
     assert recovery <= 5.0
     assert statuses <= {200, 503}, statuses
     assert not hung
 
 
-def test_triton_hung_gives_504_at_the_deadline(model_repo, tmp_path):
+def test_triton_hung_gives_504_at_the_deadline(model_repo, tmp_path, figures):
     server = start_triton(model_repo, ["ssd300_python"], tmp_path / "triton.log")
     deadline = 2.0
     settings = Settings(
@@ -127,6 +133,60 @@ def test_triton_hung_gives_504_at_the_deadline(model_repo, tmp_path):
             )
     finally:
         server.stop()
+    figures(
+        "Triton hung (SIGSTOP), 2 s deadline",
+        "504 at the deadline",
+        ", ".join(str(s) for s, _, _ in results),
+        "latencies " + ", ".join(f"{t:.2f} s" for _, t, _ in results),
+    )
     for status, elapsed, body in results:
         assert status == 504 and body["error"]["code"] == "backend_timeout", (status, elapsed, body)
         assert abs(elapsed - deadline) <= 0.5, elapsed
+
+
+def test_triton_queue_full_surfaces_as_503(model_repo, tmp_path, figures):
+    """Triton's bounded queue (REJECT when full) becomes a quick 503 at the gateway."""
+    import shutil
+
+    from training.export import ExportOptions, triton_config
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "ssd300_python", repo / "ssd300_python")
+    opts = ExportOptions(max_queue_size=1, queue_delay_us=0, max_batch_size=1)
+    (repo / "ssd300_python" / "config.pbtxt").write_text(triton_config("python", opts))
+    server = start_triton(repo, ["ssd300_python"], tmp_path / "triton.log")
+    settings = Settings(
+        backend="triton",
+        triton_url=server.grpc_url,
+        model_name="ssd300_python",
+        model_repository=repo,
+        backend_concurrency=12,
+        batch_max_size=1,
+        batch_max_delay_ms=0,
+        request_timeout_s=30,
+    )
+    try:
+        with run_service(settings) as live:
+
+            def post(_):
+                with httpx.Client(base_url=live.url, timeout=60) as c:
+                    t0 = time.monotonic()
+                    r = c.post("/v1/detect", files={"image": ("x.jpg", JPEG)})
+                    return r.status_code, time.monotonic() - t0, r.json()
+
+            import concurrent.futures as cf
+
+            with cf.ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(post, range(24)))
+    finally:
+        server.stop()
+    codes = [s for s, _, _ in results]
+    rejected = [(t, b) for s, t, b in results if s == 503]
+    figures(
+        "Triton queue full (queue of 1, 12 concurrent calls)",
+        "503 from the gateway",
+        f"{codes.count(200)} served, {len(rejected)} 503, {len(codes) - codes.count(200) - len(rejected)} other",
+        f"503 answered in at most {max(t for t, _ in rejected):.2f} s; 0 hung",
+    )
+    assert set(codes) <= {200, 503} and rejected and 200 in codes
+    assert all(b["error"]["code"] == "backend_unavailable" for _, b in rejected)

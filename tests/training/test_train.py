@@ -50,7 +50,7 @@ def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_resume_is_exact(synthetic_coco, tmp_path, backend):
+def test_resume_is_exact(synthetic_coco, tmp_path, backend, figures):
     """4 epochs straight == 2 epochs + resume for 2: same per-step losses and parameters."""
     common = [
         "--data",
@@ -81,6 +81,12 @@ def test_resume_is_exact(synthetic_coco, tmp_path, backend):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["scheduler"] == b["scheduler"] and a["iteration"] == b["iteration"]
+    figures(
+        f"4 epochs vs 2 + resume 2 ({backend} data, CPU)",
+        "identical parameters and losses",
+        "identical",
+        f"{len(whole)} per-step losses equal; all {len(a['model'])} tensors equal",
+    )
 
 
 def test_evaluation_mode(synthetic_coco, tmp_path):
@@ -192,7 +198,7 @@ def test_benchmark_modes(synthetic_coco, mode):
     assert result["median_images_per_s_per_process"] == result["median_images_per_s_total"]
 
 
-def test_clear_errors(tmp_path, synthetic_coco):
+def test_clear_errors(tmp_path, synthetic_coco, figures):
     missing = run_train(["--data", str(tmp_path / "nope"), "--epochs", "1"], check=False)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     bad = tmp_path / "bad"
@@ -205,9 +211,15 @@ def test_clear_errors(tmp_path, synthetic_coco):
     assert broken.returncode != 0 and "not valid JSON" in broken.stderr
     one = run_train(["--data", str(synthetic_coco), "--batch-size", "1"], check=False)
     assert one.returncode != 0 and "at least 2 per process" in one.stderr
+    figures(
+        "missing data folder / bad annotation JSON / batch size 1",
+        "clear error before work",
+        "3 clear errors",
+        "exit codes " + ", ".join(str(p.returncode) for p in (missing, broken, one)),
+    )
 
 
-def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path):
+def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path, figures):
     """SIGTERM to torchrun mid-epoch: a checkpoint, a clean exit, and an exact continuation."""
     import signal
     import subprocess
@@ -255,7 +267,8 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 30
+    elapsed = time.monotonic() - t0
+    assert elapsed < 30
     ckpt = read_checkpoint(first / "interrupted.pt")
     assert 3 <= ckpt["batch"] < 8 and ckpt["epoch"] == 0, out[-2000:]
     manifest = json.loads((first / "checkpoints.json").read_text())["checkpoints"]
@@ -265,9 +278,15 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path):
     run_train([*common, "--save", str(second), "--checkpoint", str(first / "interrupted.pt")])
     losses = step_losses(first / "metrics.jsonl") + step_losses(second / "metrics.jsonl")
     assert losses == step_losses(straight / "metrics.jsonl")
+    figures(
+        "SIGTERM to torchrun mid-epoch",
+        "checkpoint within 30 s, clean exit, resume",
+        f"interrupted.pt at batch {ckpt['batch']} of 8",
+        f"exit after {elapsed:.1f} s; resumed run's losses equal the uninterrupted run's",
+    )
 
 
-def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path):
+def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path, figures):
     run_train(
         [
             "--data",
@@ -290,9 +309,15 @@ def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path):
     assert end["skipped_steps"] == 1 and end["iteration"] == 4
     a, b = end["parameter_checksums"]
     assert a == b and math.isfinite(a)
+    figures(
+        "NaN loss once (on rank 1 of 2)",
+        "step skipped on every rank, training continues",
+        "1 skipped step of 4",
+        "parameters identical on both ranks afterwards",
+    )
 
 
-def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path):
+def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path, figures):
     proc = run_train(
         [
             "--data",
@@ -315,9 +340,15 @@ def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path):
     )
     assert proc.returncode != 0
     assert "not finite for 3 consecutive steps" in proc.stderr
+    figures(
+        "persistent NaN (rank 0 of 2)",
+        "all ranks stop cleanly",
+        f"exit {proc.returncode}",
+        "stopped after 3 consecutive non-finite steps (--max-nan-steps 2)",
+    )
 
 
-def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tmp_path):
+def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tmp_path, figures):
     """A crash while writing epoch_1.pt leaves epoch_0.pt valid; a corrupted newest checkpoint
     is detected and resuming falls back to the previous one."""
     common = [
@@ -362,9 +393,21 @@ def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tm
     )
     assert "does not match its recorded SHA-256" in again.stderr
     assert "epoch_1.pt at epoch 2" in again.stderr
+    figures(
+        "kill (SIGKILL) during a checkpoint write",
+        "previous checkpoint stays valid",
+        "epoch_0.pt intact and listed; the partial file never listed",
+        "resumed from it",
+    )
+    figures(
+        "bit-flipped newest checkpoint",
+        "detected; resume falls back",
+        "SHA-256 mismatch reported",
+        "resumed from the previous epoch's checkpoint",
+    )
 
 
-def test_malicious_checkpoint_is_refused_by_the_job(synthetic_coco, tmp_path):
+def test_malicious_checkpoint_is_refused_by_the_job(synthetic_coco, tmp_path, figures):
     import os
 
     from tests.training.test_checkpoint import _Evil
@@ -393,3 +436,9 @@ def test_malicious_checkpoint_is_refused_by_the_job(synthetic_coco, tmp_path):
     )
     assert proc.returncode != 0 and "weights-only" in proc.stderr
     assert not marker.exists()
+    figures(
+        "malicious pickle as --checkpoint",
+        "refused, no side effect",
+        "refused (weights-only load)",
+        "the payload's command never ran",
+    )
