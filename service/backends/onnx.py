@@ -44,6 +44,8 @@ class OnnxBackend:
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
+        # no arena: it keeps the largest batch's buffers forever and grows with every new shape
+        options.enable_cpu_mem_arena = False
         loop = asyncio.get_running_loop()
         self.session = await loop.run_in_executor(
             self._executor,

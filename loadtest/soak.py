@@ -1,0 +1,174 @@
+"""Soak: sustained locust load on the service while its RSS, open files and latency are sampled.
+
+    python loadtest/soak.py [--minutes 10] [--users 16] [--out loadtest/reports/soak]
+
+Starts the service on the embedded backend (or targets --pid/--host of a running one), runs
+locust headless, samples the server process every 2 s and prints a JSON summary of the window after --warmup: requests,
+failures, RSS growth over the second half (least-squares trend), open-file change, latency percentiles per quarter.
+Exit 1 on any failed request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import psutil
+
+from loadtest.run import free_port, wait_ready
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument(
+        "--warmup", type=float, default=60, help="seconds of load before the measured window"
+    )
+    p.add_argument("--repo", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "soak")
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "corpus.py")], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.export",
+            "--output",
+            str(args.repo),
+            "--ensure",
+            "--random-init",
+            "--cpu",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            str(port),
+            "--model-repository",
+            str(args.repo),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    samples: list[dict] = []
+    stop = threading.Event()
+    try:
+        wait_ready(url, server)
+        ps = psutil.Process(server.pid)
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not stop.is_set():
+                samples.append(
+                    {
+                        "t": time.monotonic() - t0,
+                        "rss_mb": ps.memory_info().rss / 2**20,
+                        "fds": ps.num_fds(),
+                        "threads": ps.num_threads(),
+                    }
+                )
+                stop.wait(2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        seconds = int(args.minutes * 60 + args.warmup)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(ROOT / "loadtest" / "locustfile.py"),
+                "--headless",
+                "--host",
+                url,
+                "--users",
+                str(args.users),
+                "--spawn-rate",
+                str(args.users),
+                "--run-time",
+                f"{seconds}s",
+                "--csv",
+                str(args.out),
+                "--csv-full-history",
+                "--only-summary",
+                "--loglevel",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            check=False,
+        )
+        stop.set()
+        sampler.join()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    with open(f"{args.out}_stats.csv") as f:
+        total = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    with open(f"{args.out}_stats_history.csv") as f:
+        history = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    measured = [s for s in samples if s["t"] >= args.warmup]
+    middle = (measured[0]["t"] + measured[-1]["t"]) / 2
+    half = [s for s in measured if s["t"] >= middle]
+    # RSS oscillates by tens of MB as batches come and go: a least-squares trend over the second
+    # half says whether it grows, where the difference of two samples would mostly be noise
+    t = np.array([s["t"] for s in half])
+    rss = np.array([s["rss_mb"] for s in half])
+    slope = float(np.polyfit(t, rss, 1)[0]) if len(half) > 2 else 0.0
+    quarters = []
+    if history:
+        step = max(1, len(history) // 4)
+        for i in range(0, len(history), step):
+            row = history[min(i + step, len(history)) - 1]
+            quarters.append({"p50_ms": row.get("50%"), "p95_ms": row.get("95%")})
+    summary = {
+        "minutes": args.minutes,
+        "users": args.users,
+        "requests": int(total["Request Count"]),
+        "failures": int(total["Failure Count"]),
+        "req_s": float(total["Requests/s"]),
+        "p50_ms": total["50%"],
+        "p95_ms": total["95%"],
+        "p99_ms": total["99%"],
+        "warmup_s": args.warmup,
+        "rss_start_mb": round(measured[0]["rss_mb"], 1),
+        "rss_end_mb": round(samples[-1]["rss_mb"], 1),
+        "rss_growth_second_half_mb": round(slope * (t[-1] - t[0]), 1),
+        "rss_second_half_min_max_mb": [round(float(rss.min()), 1), round(float(rss.max()), 1)],
+        "fds_start": measured[0]["fds"],
+        "fds_end": measured[-1]["fds"],
+        "latency_by_quarter": quarters,
+    }
+    (args.out.parent / f"{args.out.name}_samples.json").write_text(json.dumps(samples))
+    print(json.dumps(summary))
+    return 1 if summary["failures"] or not summary["requests"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
