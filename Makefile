@@ -16,7 +16,7 @@ USERS ?= 1 4 16
 LOADTEST_SECONDS ?= 30
 LOADTEST_HOST ?=
 
-.PHONY: install system-deps test lint serve model bench loadtest clean
+.PHONY: install system-deps test lint serve model bench loadtest reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: install
 # locust headless against the service (started here on the embedded backend unless LOADTEST_HOST)
 loadtest: install
 	$(PY) loadtest/run.py --users $(USERS) --seconds $(LOADTEST_SECONDS) $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST),)
+
+# docs/reliability.md: the reliability tests and a 10-minute soak, tabulated
+reliability: install
+	$(PY) loadtest/reliability_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -33,6 +33,7 @@ TESTS = [
     "tests/training/test_train.py::test_persistent_nan_stops_all_ranks",
     "tests/training/test_train.py::test_malicious_checkpoint_is_refused_by_the_job",
     "tests/training/test_train.py::test_clear_errors",
+    "tests/training/test_topk_choice.py",
 ]
 
 

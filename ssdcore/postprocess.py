@@ -45,7 +45,8 @@ def decode_boxes(
     locs = np.asarray(locs, dtype=np.float32).transpose(0, 2, 1)
     a_xy, a_wh = anchors_xywh[None, :, :2], anchors_xywh[None, :, 2:]
     xy = np.float32(spec.scale_xy) * locs[..., :2] * a_wh + a_xy
-    wh = np.exp(np.float32(spec.scale_wh) * locs[..., 2:]) * a_wh
+    with np.errstate(over="ignore"):  # huge offsets give infinite boxes, dropped before NMS
+        wh = np.exp(np.float32(spec.scale_wh) * locs[..., 2:]) * a_wh
     half = wh / 2
     return np.concatenate([xy - half, xy + half], axis=-1)
 

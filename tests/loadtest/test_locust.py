@@ -87,7 +87,7 @@ def test_short_soak(model_repo, tmp_path, figures):
     assert summary["rss_growth_second_half_mb"] < 30
     assert abs(summary["fds_end"] - summary["fds_start"]) <= 4
     figures(
-        "soak, short (8 users, 30 s)",
+        "soak, short (16 users, 30 s warm-up + 1 min)",
         "all 200, RSS and files flat",
         f"{summary['failures']} failures of {summary['requests']}",
         f"RSS {summary['rss_growth_second_half_mb']:+.1f} MB over the second half; "

@@ -262,3 +262,18 @@ def test_dct_scaling_setting_reaches_the_decoder(model_repo):
             found.append(body["images"][0]["detections"])
     assert found[0] and found[1]
     assert found[0] != found[1]
+
+
+def test_model_names_never_come_from_the_request(service):
+    """Path tricks and model parameters reach no other route and no other model."""
+    with service.client() as c:
+        for path in (
+            "/v1/models/..%2F..%2Fv2%2Frepository%2Findex",
+            "/v1/detect/../../v2",
+            "/v1/%2e%2e/v2/health/ready",
+            "/v2/repository/index",
+        ):
+            r = c.get(path)
+            assert r.status_code in (404, 405), (path, r.status_code)
+        r = detect(c, {"image": ("x.jpg", JPEG)}, {"model": "../../other", "model_name": "x"})
+        assert r.status_code == 200 and r.json()["model"]["name"] == "ssd300_onnx"

@@ -85,3 +85,46 @@ SMALL = [
     "--seed",
     "1",
 ]
+
+
+@pytest.fixture(scope="session")
+def overfit_run(overfit_coco, tmp_path_factory):
+    """The model trained to overfit ``overfit_coco`` (25 epochs, 50 steps, no augmentation).
+
+    Returns (run folder, process). Shared by the learning test and the choice-of-K test.
+    """
+    out = tmp_path_factory.mktemp("overfit_run")
+    proc = run_train(
+        [
+            "--data",
+            str(overfit_coco),
+            "--epochs",
+            "25",
+            "--batch-size",
+            "4",
+            "--eval-batch-size",
+            "8",
+            "--data-backend",
+            "torch",
+            "--no-augment",
+            "--evaluation",
+            "24",
+            "--learning-rate",
+            "0.2",
+            "--multistep",
+            "20",
+            "--save",
+            str(out),
+            "--backbone",
+            "resnet18",
+            "--num-workers",
+            "0",
+            "--warmup",
+            "5",
+            "--seed",
+            "0",
+            "--log-interval",
+            "1",
+        ]
+    )
+    return out, proc

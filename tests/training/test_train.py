@@ -124,50 +124,18 @@ def test_evaluation_mode(synthetic_coco, tmp_path):
     assert "(8 images," in proc.stdout
 
 
-def test_learns_for_real(overfit_coco, tmp_path):
+def test_learns_for_real(overfit_run):
     """On 8 images (2 classes, no augmentation) the model overfits within 50 steps.
 
     Thresholds: the loss must fall below a quarter of its first value, and mAP@0.5 on those
     images must reach 0.3; a random model scores about 0.005 there (measured), one trained this
     way about 0.6.
     """
-    proc = run_train(
-        [
-            "--data",
-            str(overfit_coco),
-            "--epochs",
-            "25",
-            "--batch-size",
-            "4",
-            "--eval-batch-size",
-            "8",
-            "--data-backend",
-            "torch",
-            "--no-augment",
-            "--evaluation",
-            "24",
-            "--learning-rate",
-            "0.2",
-            "--multistep",
-            "20",
-            "--save",
-            str(tmp_path),
-            "--backbone",
-            "resnet18",
-            "--num-workers",
-            "0",
-            "--warmup",
-            "5",
-            "--seed",
-            "0",
-            "--log-interval",
-            "1",
-        ]
-    )
-    losses = step_losses(tmp_path / "metrics.jsonl")
+    folder, proc = overfit_run
+    losses = step_losses(folder / "metrics.jsonl")
     assert len(losses) == 50
     assert sum(losses[-5:]) / 5 < 0.25 * losses[0], losses
-    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "eval"]
+    evals = [r for r in read_metrics(folder / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[0]["AP50"] >= 0.3, (evals, proc.stdout[-2000:])
 
 
