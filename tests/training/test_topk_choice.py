@@ -83,7 +83,7 @@ def test_topk_candidates_give_the_reference_detections(
     ours_map = coco_evaluate(ann, ours_rows)[0]["AP"]
     ref_map = coco_evaluate(ann, ref_rows)[0]["AP"]
     figures(
-        "choice of K = 2000 (trained on the synthetic set, 8 val images)",
+        "choice of K = 2000 (model overfit on 8 synthetic images)",
         ">= 99 % of images identical to the reference decode; same mAP to 3 decimals",
         f"{same} of {len(dataset)} identical; mAP {ours_map:.3f} vs {ref_map:.3f}",
         f"candidates above 0.05 per image: median {int(np.median(counts))}, max {max(counts)}",
