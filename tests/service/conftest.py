@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,6 +71,35 @@ def run_service(settings: Settings, backend=None) -> Iterator[LiveService]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def start_service(repo: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            str(port),
+            "--model-repository",
+            str(repo),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -15,42 +15,13 @@ import psutil
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest import free_port, run_service
+from tests.service.conftest import run_service, start_service
 from tests.service.images import encode, photo
 from tests.service.test_api import BAD_INPUTS
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(), "JPEG")
-
-
-def start_service(repo: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--model-repository",
-            str(repo),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
 
 
 def test_bad_inputs_keep_memory_and_files_flat(model_repo, figures):

@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.conftest import free_port
+from tests.service.conftest import start_service
 from tests.service.images import encode, photo
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def test_sigterm_under_load(model_repo, figures):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--model-repository",
-            str(model_repo),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    proc, url = start_service(model_repo)
 
     body = encode(photo(), "JPEG")
     records: list[tuple[float, int | str]] = []
