@@ -100,8 +100,9 @@ def local_service(repo: Path, backend: str, tmp: Path) -> Iterator[str]:
             proc.wait(timeout=60)
 
 
-def run_locust(host: str, users: int, seconds: int, prefix: Path) -> dict:
-    cmd = [
+def locust_command(host: str, users: int, seconds: int, prefix: Path, *extra: str) -> list[str]:
+    """Headless locust over the locustfile, CSV reports under ``prefix``."""
+    return [
         sys.executable,
         "-m",
         "locust",
@@ -118,12 +119,15 @@ def run_locust(host: str, users: int, seconds: int, prefix: Path) -> dict:
         f"{seconds}s",
         "--csv",
         str(prefix),
-        "--html",
-        f"{prefix}.html",
         "--only-summary",
         "--loglevel",
         "WARNING",
+        *extra,
     ]
+
+
+def run_locust(host: str, users: int, seconds: int, prefix: Path) -> dict:
+    cmd = locust_command(host, users, seconds, prefix, "--html", f"{prefix}.html")
     subprocess.run(cmd, cwd=ROOT, check=False)
     with open(f"{prefix}_stats.csv") as f:
         rows = list(csv.DictReader(f))

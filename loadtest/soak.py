@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import psutil
 
-from loadtest.run import free_port, wait_ready
+from loadtest.run import free_port, locust_command, wait_ready
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,28 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         seconds = int(args.minutes * 60 + args.warmup)
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "locust",
-                "-f",
-                str(ROOT / "loadtest" / "locustfile.py"),
-                "--headless",
-                "--host",
-                url,
-                "--users",
-                str(args.users),
-                "--spawn-rate",
-                str(args.users),
-                "--run-time",
-                f"{seconds}s",
-                "--csv",
-                str(args.out),
-                "--csv-full-history",
-                "--only-summary",
-                "--loglevel",
-                "WARNING",
-            ],
+            locust_command(url, args.users, seconds, args.out, "--csv-full-history"),
             cwd=ROOT,
             check=False,
         )
