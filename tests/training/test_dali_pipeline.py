@@ -11,27 +11,34 @@ from ssdcore.anchors import default_boxes
 from ssdcore.postprocess import decode_boxes
 from ssdcore.spec import SSD300
 from training.box_coding import BoxEncoder
+from training.data import DaliLoader, TorchTrainLoader
+from training.data.coco import load_index
 from training.data.dali import NO_AUGMENT, READER, Augment, DaliTrainLoader, ssd_train_pipeline
 
 ANCHORS = np.array(default_boxes())
 
 
-def run_pipeline(root, augment: Augment, batches: int = 3):
+def make_pipeline(root, batch_size: int = 4, seed: int = 5, **options):
+    """The training pipeline on the CPU over ``root``'s train2017, one shard."""
     pipe = ssd_train_pipeline(
-        batch_size=4,
+        batch_size=batch_size,
         num_threads=2,
         device_id=None,
-        seed=5,
+        seed=seed,
         file_root=str(root / "train2017"),
         annotations_file=str(root / "annotations" / "instances_train2017.json"),
         shard_id=0,
         num_shards=1,
         gpu=False,
         fp16=False,
-        augment=augment,
-        with_gt=True,
+        **options,
     )
     pipe.build()
+    return pipe
+
+
+def run_pipeline(root, augment: Augment, batches: int = 3):
+    pipe = make_pipeline(root, augment=augment, with_gt=True)
     out = []
     for _ in range(batches):
         images, boxes, labels, gt_boxes, gt_labels = pipe.run()
@@ -97,23 +104,43 @@ def test_sharding_splits_the_data(synthetic_coco):
 
 
 def test_iterator_api(synthetic_coco):
-    pipe = ssd_train_pipeline(
-        batch_size=2,
-        num_threads=1,
-        device_id=None,
-        seed=1,
-        file_root=str(synthetic_coco / "train2017"),
-        annotations_file=str(synthetic_coco / "annotations" / "instances_train2017.json"),
-        shard_id=0,
-        num_shards=1,
-        gpu=False,
-        fp16=False,
-    )
-    pipe.build()
     it = DALIGenericIterator(
-        [pipe],
+        [make_pipeline(synthetic_coco, batch_size=2, seed=1)],
         ["images", "boxes", "labels"],
         reader_name=READER,
         last_batch_policy=LastBatchPolicy.DROP,
     )
     assert len(it) == 8
+
+
+def test_max_images_reads_the_same_subset_as_the_torchvision_loader(synthetic_coco):
+    """--max-train-images: both backends train on the first N annotated images by id."""
+    torch_subset = TorchTrainLoader(synthetic_coco, 2, 0, 1, 0, 0, max_images=5).dataset.images
+    assert len(torch_subset) == 5
+    assert [im["id"] for im in torch_subset] == sorted(im["id"] for im in torch_subset)
+    loader = DaliLoader(synthetic_coco, 1, 0, 1, 1, 0, torch.device("cpu"), False, max_images=5)
+    assert len(loader) == 5  # one epoch is those 5 images, not all 16
+
+    # one epoch of 5 is exactly those images (in the reader's shuffled order)
+    pipe = make_pipeline(
+        synthetic_coco,
+        batch_size=5,
+        augment=NO_AUGMENT,
+        with_gt=True,
+        images=[im["file_name"] for im in torch_subset],
+    )
+    gt_boxes = pipe.run()[3]
+    index = load_index(synthetic_coco / "annotations" / "instances_train2017.json", True)
+    expected = [
+        index.boxes[im["id"]] / np.array([im["width"], im["height"]] * 2, np.float32)
+        for im in torch_subset
+    ]
+
+    def which(boxes):
+        same = [
+            j for j, e in enumerate(expected) if e.shape == boxes.shape and np.allclose(e, boxes)
+        ]
+        assert len(same) == 1
+        return same[0]
+
+    assert sorted(which(np.array(gt_boxes[i])) for i in range(5)) == [0, 1, 2, 3, 4]

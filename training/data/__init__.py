@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.data.coco import CocoTrainDataset
+from training.data.coco import CocoSplit, CocoTrainDataset
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -22,7 +22,7 @@ def ignore_sigterm(worker_id: int) -> None:
 
 
 class TorchTrainLoader:
-    """torchvision.transforms.v2 pipeline; order and augmentation fixed by (seed, epoch, rank)."""
+    """The DALI-free pipeline; order fixed by (seed, epoch), augmentation by (seed, epoch, image)."""
 
     def __init__(
         self,
@@ -35,7 +35,9 @@ class TorchTrainLoader:
         max_images: int | None = None,
         augment: bool = True,
     ) -> None:
-        self.dataset = CocoTrainDataset(data, "train2017", max_images=max_images, augment=augment)
+        self.dataset = CocoTrainDataset(
+            data, "train2017", max_images=max_images, augment=augment, seed=seed
+        )
         self.sampler = DistributedSampler(
             self.dataset,
             num_replicas=world_size,
@@ -57,6 +59,7 @@ class TorchTrainLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
         self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch  # the workers of this epoch get a copy with it
 
     def __iter__(self):
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**62)
@@ -96,8 +99,14 @@ class DaliLoader:
         fp16: bool,
         state: str | None = None,
         augment: bool = True,
+        max_images: int | None = None,
     ) -> None:
-        from training.data.dali import NO_AUGMENT, Augment, DaliTrainLoader
+        from training.data.dali import NO_AUGMENT, RECIPE, DaliTrainLoader
+
+        images = None
+        if max_images:  # the same subset as the torchvision loader's
+            subset = CocoSplit(data, "train2017", skip_empty=True, max_images=max_images)
+            images = [im["file_name"] for im in subset.images]
 
         self.inner = DaliTrainLoader(
             data,
@@ -109,7 +118,8 @@ class DaliLoader:
             device,
             fp16=fp16,
             checkpoint=state,
-            augment=Augment() if augment else NO_AUGMENT,
+            augment=RECIPE if augment else NO_AUGMENT,
+            images=images,
         )
 
     def __len__(self) -> int:

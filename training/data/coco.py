@@ -1,11 +1,13 @@
 """COCO-format data without DALI: the torchvision.transforms.v2 training fallback and the
 evaluation dataset.
 
-Training recipe (same as the DALI pipeline, in torchvision terms): random IoU crop (min IoU one of
-0/0.1/0.3/0.5/0.7/0.9 or no crop, scale 0.3-1, aspect 0.5-2), horizontal flip, squash-resize to
-300x300, saturation/contrast 0.5-1.5, brightness 0.875-1.125, hue +-0.5 degrees, ImageNet
-normalisation, box encoding with the shared default boxes. Evaluation: squash-resize to 300x300
-uint8 (bilinear, like the service); the model wrapper normalises.
+Training recipe (the DALI pipeline's, with the same crop and colour semantics; see
+``training.data.augment``): random IoU crop (min IoU of every box one of 0/0.1/0.3/0.5/0.7/0.9, or
+no crop; relative width/height 0.3-1, aspect 0.5-2), horizontal flip, squash-resize to 300x300
+(antialiased bilinear), hue +-0.5 degrees and saturation 0.5-1.5 in YIQ, brightness 0.875-1.125
+and contrast 0.5-1.5 around 128, ImageNet normalisation, box encoding with the shared default
+boxes. Evaluation: squash-resize to 300x300 uint8 (bilinear, like the service); the model wrapper
+normalises.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
 from ssdcore.labels import label_map_from_categories
 from ssdcore.spec import SSD300, SSD300Spec
 from training.box_coding import BoxEncoder
+from training.data.augment import (
+    NO_AUGMENT,
+    RECIPE,
+    Augment,
+    colour_jitter,
+    crop_boxes,
+    draw_colour,
+    sample_crop,
+)
 
 
 class DataError(ValueError):
@@ -70,6 +80,7 @@ def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
             }
             for im in doc["images"]
         ]
+        images.sort(key=lambda im: im["id"])  # the order of DALI's COCO reader
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{annotation_file}: malformed annotation ({exc!r})") from None
     if skip_empty:
@@ -94,39 +105,72 @@ def check_data_folder(data: Path, splits: tuple[str, ...] = ("train2017", "val20
             raise DataError(f"{data} has no annotations/instances_{split}.json")
 
 
-def train_transform(spec: SSD300Spec = SSD300, augment: bool = True) -> T.Compose:
-    if not augment:
-        return T.Compose(
-            [
-                T.Resize((spec.image_size, spec.image_size), antialias=True),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(mean=list(spec.mean), std=list(spec.std)),
-            ]
+class TrainTransform:
+    """PIL image + pixel xyxy boxes -> (image (3,300,300) float normalised, relative ltrb boxes,
+    labels): the reference's DALI recipe, step for step (see ``training.data.augment``).
+
+    Random draws come from ``generator`` (torch's global one when None), in the order crop,
+    flip, colour.
+    """
+
+    def __init__(self, spec: SSD300Spec = SSD300, augment: Augment = RECIPE) -> None:
+        self.spec = spec
+        self.augment = augment
+
+    def __call__(
+        self,
+        img: Image.Image,
+        boxes: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ):
+        w, h = img.size
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        rel = boxes / scale
+        if self.augment.enabled:
+            window, keep = sample_crop(rel, self.augment, generator)
+            if window is not None:  # decode-then-crop here; DALI decodes only the window
+                img = img.crop(tuple(int(v) for v in (window * scale).round().tolist()))
+                rel, labels = crop_boxes(rel[keep], window), labels[keep]
+        image = F.pil_to_tensor(img)
+        if self.augment.enabled and bool(torch.rand((), generator=generator) < 0.5):
+            image = F.horizontal_flip(image)
+            rel = torch.stack([1 - rel[:, 2], rel[:, 1], 1 - rel[:, 0], rel[:, 3]], dim=1)
+        size = self.spec.image_size
+        image = F.resize(image, [size, size], antialias=True)
+        if self.augment.enabled:
+            image = colour_jitter(image, **draw_colour(self.augment, generator))
+        image = F.normalize(
+            F.to_dtype(image, torch.float32, scale=True), list(self.spec.mean), list(self.spec.std)
         )
-    return T.Compose(
-        [
-            T.RandomIoUCrop(
-                min_scale=0.3,
-                max_scale=1.0,
-                min_aspect_ratio=0.5,
-                max_aspect_ratio=2.0,
-                sampler_options=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 2.0],
-                trials=1,
-            ),
-            T.RandomHorizontalFlip(0.5),
-            T.Resize((spec.image_size, spec.image_size), antialias=True),
-            T.ColorJitter(
-                brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=0.5 / 360
-            ),
-            T.SanitizeBoundingBoxes(min_size=1),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(spec.mean), std=list(spec.std)),
-        ]
-    )
+        return image, rel.clamp(0, 1), labels
 
 
-class CocoTrainDataset(Dataset):
-    """(image (3,300,300) float normalised, boxes (8732,4) xywh, labels (8732,) int64)."""
+class CocoSplit(Dataset):
+    """One split of a COCO-format folder: its index and the first ``max_images`` images by id."""
+
+    def __init__(
+        self, data: Path, split: str, skip_empty: bool, max_images: int | None = None
+    ) -> None:
+        self.root = data / split
+        self.annotation_file = data / "annotations" / f"instances_{split}.json"
+        self.index = load_index(self.annotation_file, skip_empty=skip_empty)
+        self.images = self.index.images[:max_images] if max_images else self.index.images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def open_rgb(self, i: int) -> tuple[dict, Image.Image]:
+        info = self.images[i]
+        return info, Image.open(self.root / info["file_name"]).convert("RGB")
+
+
+class CocoTrainDataset(CocoSplit):
+    """(image (3,300,300) float normalised, boxes (8732,4) xywh, labels (8732,) int64).
+
+    The augmentation of image ``i`` is a function of (seed, epoch, i) alone: the same whatever
+    the number of workers, the order of loading, or a resume in the middle of an epoch.
+    """
 
     def __init__(
         self,
@@ -135,34 +179,28 @@ class CocoTrainDataset(Dataset):
         spec: SSD300Spec = SSD300,
         max_images: int | None = None,
         augment: bool = True,
+        seed: int = 0,
     ) -> None:
-        self.root = data / split
-        self.index = load_index(data / "annotations" / f"instances_{split}.json", skip_empty=True)
-        self.images = self.index.images[:max_images] if max_images else self.index.images
-        self.transform = train_transform(spec, augment)
+        super().__init__(data, split, skip_empty=True, max_images=max_images)
+        self.seed = seed
+        self.epoch = 0  # set by the loader before each epoch
+        self.transform = TrainTransform(spec, RECIPE if augment else NO_AUGMENT)
         self.encoder = BoxEncoder(spec)
-        self.size = spec.image_size
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int):
-        info = self.images[i]
-        img = Image.open(self.root / info["file_name"]).convert("RGB")
-        w, h = img.size
-        boxes = tv_tensors.BoundingBoxes(
-            torch.from_numpy(self.index.boxes[info["id"]]), format="XYXY", canvas_size=(h, w)
+        info, img = self.open_rgb(i)
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2**63)
+        image, boxes, labels = self.transform(
+            img,
+            torch.from_numpy(self.index.boxes[info["id"]]),
+            torch.from_numpy(self.index.labels[info["id"]]),
+            generator,
         )
-        image, target = self.transform(
-            tv_tensors.Image(T.functional.pil_to_tensor(img)),
-            {"boxes": boxes, "labels": torch.from_numpy(self.index.labels[info["id"]])},
-        )
-        ltrb = target["boxes"].as_subclass(torch.Tensor) / self.size
-        enc_boxes, enc_labels = self.encoder.encode(ltrb.clamp(0, 1), target["labels"])
-        return image.as_subclass(torch.Tensor), enc_boxes, enc_labels
+        enc_boxes, enc_labels = self.encoder.encode(boxes, labels)
+        return image, enc_boxes, enc_labels
 
 
-class CocoEvalDataset(Dataset):
+class CocoEvalDataset(CocoSplit):
     """(image (300,300,3) uint8, image id, original (height, width)) for every image."""
 
     def __init__(
@@ -172,18 +210,11 @@ class CocoEvalDataset(Dataset):
         spec: SSD300Spec = SSD300,
         max_images: int | None = None,
     ) -> None:
-        self.root = data / split
-        self.annotation_file = data / "annotations" / f"instances_{split}.json"
-        self.index = load_index(self.annotation_file, skip_empty=False)
-        self.images = self.index.images[:max_images] if max_images else self.index.images
+        super().__init__(data, split, skip_empty=False, max_images=max_images)
         self.size = spec.image_size
 
-    def __len__(self) -> int:
-        return len(self.images)
-
     def __getitem__(self, i: int):
-        info = self.images[i]
-        img = Image.open(self.root / info["file_name"]).convert("RGB")
+        info, img = self.open_rgb(i)
         w, h = img.size
         pixels = np.asarray(img.resize((self.size, self.size), Image.Resampling.BILINEAR))
         return torch.from_numpy(pixels.copy()), info["id"], (h, w)

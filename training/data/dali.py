@@ -11,7 +11,6 @@ and the colour operations run on the device. The only module that imports DALI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ssdcore.anchors import default_boxes
 from ssdcore.spec import SSD300, SSD300Spec
+from training.data.augment import NO_AUGMENT, RECIPE, Augment  # noqa: F401 (re-exported)
 
 READER = "coco_reader"
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Augmentation ranges (defaults: the reference's DALI pipeline)."""
-
-    crop_thresholds: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
-    crop_scaling: tuple[float, float] = (0.3, 1.0)
-    crop_aspect_ratio: tuple[float, float] = (0.5, 2.0)
-    saturation: tuple[float, float] = (0.5, 1.5)
-    contrast: tuple[float, float] = (0.5, 1.5)
-    brightness: tuple[float, float] = (0.875, 1.125)
-    hue_degrees: tuple[float, float] = (-0.5, 0.5)
-    enabled: bool = True  # False: no crop, flip or colour change
-
-
-NO_AUGMENT = Augment(enabled=False)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -51,13 +34,15 @@ def ssd_train_pipeline(
     gpu: bool,
     fp16: bool,
     spec: SSD300Spec = SSD300,
-    augment: Augment = Augment(),
+    augment: Augment = RECIPE,
     with_gt: bool = False,
+    images: list[str] | None = None,
 ):
     jpegs, boxes, labels = fn.readers.coco(
         name=READER,
         file_root=file_root,
         annotations_file=annotations_file,
+        images=images,
         ltrb=True,
         ratio=True,
         skip_empty=True,
@@ -69,16 +54,7 @@ def ssd_train_pipeline(
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size)
         return _finish(images, boxes, labels, gpu, fp16, spec, with_gt)
-    crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
-        boxes,
-        labels,
-        thresholds=list(augment.crop_thresholds),
-        scaling=list(augment.crop_scaling),
-        aspect_ratio=list(augment.crop_aspect_ratio),
-        bbox_layout="xyXY",
-        allow_no_crop=True,
-        num_attempts=1,
-    )
+    crop_begin, crop_size, boxes, labels = random_crop(boxes, labels, augment)
     images = fn.decoders.image_slice(
         jpegs, crop_begin, crop_size, device="mixed" if gpu else "cpu", output_type=types.RGB
     )
@@ -100,6 +76,20 @@ def ssd_train_pipeline(
         dtype=types.UINT8,
     )
     return _finish(images, boxes, labels, gpu, fp16, spec, with_gt)
+
+
+def random_crop(boxes, labels, augment: Augment = RECIPE):
+    """The recipe's IoU crop: (relative anchor, relative shape, boxes, labels) of the window."""
+    return fn.random_bbox_crop(
+        boxes,
+        labels,
+        thresholds=list(augment.crop_thresholds),
+        scaling=list(augment.crop_scaling),
+        aspect_ratio=list(augment.crop_aspect_ratio),
+        bbox_layout="xyXY",
+        allow_no_crop=True,
+        num_attempts=1,
+    )
 
 
 def _finish(images, boxes, labels, gpu: bool, fp16: bool, spec: SSD300Spec, with_gt: bool):
@@ -137,9 +127,11 @@ class DaliTrainLoader:
         device: torch.device,
         fp16: bool = False,
         split: str = "train2017",
-        augment: Augment = Augment(),
+        augment: Augment = RECIPE,
         checkpoint: str | None = None,
+        images: list[str] | None = None,
     ) -> None:
+        """``images``: read only these files (relative to the split folder); default: all."""
         gpu = device.type == "cuda"
         self.pipe = ssd_train_pipeline(
             batch_size=batch_size,
@@ -153,6 +145,7 @@ class DaliTrainLoader:
             gpu=gpu,
             fp16=fp16,
             augment=augment,
+            images=images,
             prefetch_queue_depth=2,
             enable_checkpointing=True,
             checkpoint=checkpoint,
