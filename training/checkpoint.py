@@ -8,13 +8,14 @@ that needs arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -107,6 +108,45 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class FolderBusy(CheckpointError):
+    """Another job holds the save folder."""
+
+
+def lock_folder(folder: str | Path) -> IO[str]:
+    """Hold ``folder/.lock`` exclusively for as long as the returned file stays open.
+
+    Two jobs saving into one folder would overwrite each other's checkpoints and manifest; the
+    second one is refused instead (the lock dies with its process, so a crash never leaves it).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "w")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FolderBusy(f"another training job is saving into {folder}") from None
+    return handle
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a crash in the middle of :func:`atomic_save` or
+    :func:`write_json_atomic` left in ``folder`` (they are never read; only disk is lost).
+
+    Only while holding :func:`lock_folder`, before writing anything: then no other job can be
+    in the middle of a write there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in sorted(folder.glob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def write_json_atomic(data: Any, path: str | Path) -> None:

@@ -46,8 +46,7 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     data_backend: Literal["dali", "torch"] = "dali"
     augment: bool = True  # --no-augment: resize + normalise only (overfitting checks)
-    max_train_images: int | None = None  # use only the first N training images (smoke runs)
-    augment: bool = True  # --no-augment: resize + normalise only (overfitting checks)
+    max_train_images: int | None = None  # only the first N annotated images by id (both backends)
     max_nan_steps: int = 10  # consecutive non-finite losses before all ranks stop
     tensorboard: str | None = None
 

@@ -26,10 +26,13 @@ from training import distributed as D
 from training.checkpoint import (
     FORMAT,
     CheckpointError,
+    FolderBusy,
     atomic_save,
     extract_state_dict,
+    lock_folder,
     read_checkpoint,
     record_checkpoint,
+    remove_partial_writes,
     resolve_checkpoint,
     rng_state,
     set_rng_state,
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {info.rank}] %(message)s",
     )
     validate(cfg, info)  # clear errors before any work
+    save_lock = claim_save_folder(cfg, info)  # noqa: F841 (held while the job runs)
     seed = cfg.seed if cfg.seed is not None else 0
     D.seed_everything(seed + info.rank)
     amp = cfg.amp and info.device.type == "cuda"
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if epoch in cfg.evaluation:
             run_evaluation(cfg, info, model, amp, epoch, metrics)
         save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
-    checksums = D.all_gather_objects(sum(float(p.double().sum()) for p in model.parameters()), info)
+    checksums = D.all_gather_objects(
+        sum(float(p.detach().double().sum()) for p in model.parameters()), info
+    )
     metrics.event(
         "end",
         iteration=stats.iteration,
@@ -190,6 +196,19 @@ def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
 
 
+def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
+    """Rank 0 locks --save (one job per folder) and deletes what a crashed write left there."""
+    if not (cfg.save and info.is_main and cfg.mode == "training"):
+        return None
+    try:
+        lock = lock_folder(cfg.save)
+    except FolderBusy as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for partial in remove_partial_writes(cfg.save):
+        log.warning("removed %s, left by a crash in the middle of a checkpoint write", partial)
+    return lock
+
+
 def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state):
     from training.data import DaliLoader, TorchTrainLoader
 
@@ -206,6 +225,7 @@ def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state
             amp,
             state,
             cfg.augment,
+            cfg.max_train_images,
         )
     return TorchTrainLoader(
         data,

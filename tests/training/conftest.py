@@ -37,15 +37,9 @@ def overfit_coco(tmp_path_factory) -> Path:
     return root
 
 
-def run_train(
-    args: list[str],
-    nproc: int = 1,
-    timeout: float = 600,
-    env: dict | None = None,
-    check: bool = True,
-) -> subprocess.CompletedProcess:
-    """Run training/train.py through torchrun (CPU, gloo) and return the finished process."""
-    cmd = [
+def train_command(args: list[str], nproc: int = 1) -> list[str]:
+    """torchrun (standalone rendezvous, CPU) over training/train.py with ``args``."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -54,9 +48,38 @@ def run_train(
         str(ROOT / "training" / "train.py"),
         *args,
     ]
+
+
+def job(data: Path, *extra: str, batch_size: int = 2, backend: str = "torch") -> list[str]:
+    """The arguments of a small CPU job on ``data`` (ResNet-18, seeded, logging every step)."""
+    return [
+        "--data",
+        str(data),
+        "--batch-size",
+        str(batch_size),
+        "--data-backend",
+        backend,
+        *extra,
+        *SMALL,
+    ]
+
+
+def run_train(
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 600,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run training/train.py through torchrun (CPU, gloo) and return the finished process."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env
+        train_command(args, nproc),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=full_env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

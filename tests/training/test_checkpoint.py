@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, atomic_save, load_model_weights, read_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    FolderBusy,
+    atomic_save,
+    load_model_weights,
+    lock_folder,
+    read_checkpoint,
+    remove_partial_writes,
+)
 from training.model import build_model
 
 # keys, shapes and dtypes of NVIDIA's published checkpoint (nvidia_ssdpyt_amp_200703.pt)
@@ -113,3 +121,22 @@ def test_atomic_save_leaves_no_temp(tmp_path):
     atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
     assert torch.equal(read_checkpoint(tmp_path / "x.pt")["a"], torch.ones(2))
+
+
+def test_remove_partial_writes_only_touches_temporaries(tmp_path):
+    atomic_save({"x": torch.zeros(2)}, tmp_path / "epoch_0.pt")
+    (tmp_path / ".epoch_1.pt.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / ".checkpoints.json.tmp").write_text("{")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    removed = remove_partial_writes(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoints.json.tmp", ".epoch_1.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0.pt", "notes.tmp"]
+    assert remove_partial_writes(tmp_path / "missing") == []
+
+
+def test_one_job_per_save_folder(tmp_path):
+    first = lock_folder(tmp_path / "run")
+    with pytest.raises(FolderBusy, match="another training job"):
+        lock_folder(tmp_path / "run")
+    first.close()  # the first job ends (or dies): the folder is free again
+    lock_folder(tmp_path / "run").close()

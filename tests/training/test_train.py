@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
-from tests.training.conftest import SMALL, read_metrics, run_train, step_losses
-from training.checkpoint import read_checkpoint
+from tests.training.conftest import (
+    job,
+    read_metrics,
+    run_train,
+    step_losses,
+    train_command,
+)
+from training.checkpoint import lock_folder, read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -17,20 +23,9 @@ pytestmark = pytest.mark.slow
 def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
     """torchrun with 2 CPU processes (gloo) and DALI: same parameters on both ranks, checkpoint."""
     run_train(
-        [
-            "--data",
-            str(synthetic_coco),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--evaluation",
-            "--save",
-            str(tmp_path),
-            "--data-backend",
-            "dali",
-            *SMALL,
-        ],
+        job(
+            synthetic_coco, "--epochs", "1", "--evaluation", "--save", str(tmp_path), backend="dali"
+        ),
         nproc=2,
     )
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -52,20 +47,16 @@ def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_resume_is_exact(synthetic_coco, tmp_path, backend, figures):
     """4 epochs straight == 2 epochs + resume for 2: same per-step losses and parameters."""
-    common = [
-        "--data",
-        str(synthetic_coco),
-        "--batch-size",
-        "4",
+    common = job(
+        synthetic_coco,
         "--evaluation",
-        "--data-backend",
-        backend,
         "--max-train-images",
         "8",
         "--multistep",
         "3",
-        *SMALL,
-    ]
+        batch_size=4,
+        backend=backend,
+    )
     straight, first, second = tmp_path / "straight", tmp_path / "a", tmp_path / "b"
     run_train([*common, "--epochs", "4", "--save", str(straight)])
     run_train([*common, "--epochs", "2", "--save", str(first)])
@@ -91,33 +82,18 @@ def test_resume_is_exact(synthetic_coco, tmp_path, backend, figures):
 
 def test_evaluation_mode(synthetic_coco, tmp_path):
     run_train(
-        [
-            "--data",
-            str(synthetic_coco),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--evaluation",
-            "--save",
-            str(tmp_path),
-            "--data-backend",
-            "torch",
-            *SMALL,
-        ]
+        job(synthetic_coco, "--epochs", "1", "--evaluation", "--save", str(tmp_path), batch_size=4)
     )
     proc = run_train(
-        [
-            "--data",
-            str(synthetic_coco),
+        job(
+            synthetic_coco,
             "--mode",
             "evaluation",
             "--checkpoint",
             str(tmp_path / "epoch_0.pt"),
             "--eval-batch-size",
             "4",
-            *SMALL,
-        ]
+        )
     )
     lines = [ln for ln in proc.stdout.splitlines() if "Average" in ln]
     assert len(lines) == 12  # the standard COCO summary
@@ -142,23 +118,17 @@ def test_learns_for_real(overfit_run):
 @pytest.mark.parametrize("mode", ["benchmark-training", "benchmark-inference"])
 def test_benchmark_modes(synthetic_coco, mode):
     proc = run_train(
-        [
-            "--data",
-            str(synthetic_coco),
+        job(
+            synthetic_coco,
             "--mode",
             mode,
-            "--batch-size",
-            "2",
             "--eval-batch-size",
             "2",
             "--benchmark-warmup",
             "1",
             "--benchmark-iterations",
             "3",
-            "--data-backend",
-            "torch",
-            *SMALL,
-        ]
+        )
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == mode and result["iterations"] == 3
@@ -179,11 +149,19 @@ def test_clear_errors(tmp_path, synthetic_coco, figures):
     assert broken.returncode != 0 and "not valid JSON" in broken.stderr
     one = run_train(["--data", str(synthetic_coco), "--batch-size", "1"], check=False)
     assert one.returncode != 0 and "at least 2 per process" in one.stderr
+    held = lock_folder(tmp_path / "busy")  # another job is saving there
+    try:
+        busy = run_train(
+            job(synthetic_coco, "--epochs", "1", "--save", str(tmp_path / "busy")), check=False
+        )
+    finally:
+        held.close()
+    assert busy.returncode != 0 and "another training job is saving into" in busy.stderr
     figures(
-        "missing data folder / bad annotation JSON / batch size 1",
+        "missing data folder / bad annotation JSON / batch size 1 / save folder in use",
         "clear error before work",
-        "3 clear errors",
-        "exit codes " + ", ".join(str(p.returncode) for p in (missing, broken, one)),
+        "4 clear errors",
+        "exit codes " + ", ".join(str(p.returncode) for p in (missing, broken, one, busy)),
     )
 
 
@@ -191,40 +169,21 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path, fi
     """SIGTERM to torchrun mid-epoch: a checkpoint, a clean exit, and an exact continuation."""
     import signal
     import subprocess
-    import sys
     import time
 
     from tests.training.conftest import ROOT
 
-    common = [
-        "--data",
-        str(synthetic_coco),
-        "--batch-size",
-        "2",
-        "--evaluation",
-        "--epochs",
-        "1",
-        "--data-backend",
-        "torch",
-        *SMALL,
-    ]
+    common = job(synthetic_coco, "--evaluation", "--epochs", "1")
     straight = tmp_path / "straight"
     run_train([*common, "--save", str(straight)])
 
     first = tmp_path / "first"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        str(ROOT / "training" / "train.py"),
-        *common,
-        "--save",
-        str(first),
-    ]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        train_command([*common, "--save", str(first)]),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     log = first / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -256,20 +215,7 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path, fi
 
 def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path, figures):
     run_train(
-        [
-            "--data",
-            str(synthetic_coco),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--evaluation",
-            "--save",
-            str(tmp_path),
-            "--data-backend",
-            "torch",
-            *SMALL,
-        ],
+        job(synthetic_coco, "--epochs", "1", "--evaluation", "--save", str(tmp_path)),
         nproc=2,
         env={"SSD300_FAULT_NAN_AT": "2", "SSD300_FAULT_RANK": "1"},
     )
@@ -287,20 +233,7 @@ def test_nan_once_is_skipped_on_every_rank(synthetic_coco, tmp_path, figures):
 
 def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path, figures):
     proc = run_train(
-        [
-            "--data",
-            str(synthetic_coco),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--evaluation",
-            "--data-backend",
-            "torch",
-            "--max-nan-steps",
-            "2",
-            *SMALL,
-        ],
+        job(synthetic_coco, "--epochs", "1", "--evaluation", "--max-nan-steps", "2"),
         nproc=2,
         env={"SSD300_FAULT_NAN_AT": "1,2,3,4,5,6,7,8", "SSD300_FAULT_RANK": "0"},
         check=False,
@@ -319,18 +252,7 @@ def test_persistent_nan_stops_all_ranks(synthetic_coco, tmp_path, figures):
 def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tmp_path, figures):
     """A crash while writing epoch_1.pt leaves epoch_0.pt valid; a corrupted newest checkpoint
     is detected and resuming falls back to the previous one."""
-    common = [
-        "--data",
-        str(synthetic_coco),
-        "--batch-size",
-        "4",
-        "--evaluation",
-        "--data-backend",
-        "torch",
-        "--max-train-images",
-        "8",
-        *SMALL,
-    ]
+    common = job(synthetic_coco, "--evaluation", "--max-train-images", "8", batch_size=4)
     crashed = run_train(
         [*common, "--epochs", "3", "--save", str(tmp_path)],
         check=False,
@@ -340,12 +262,16 @@ def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tm
     manifest = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
     assert [e["file"] for e in manifest] == ["epoch_0.pt"]
     assert not (tmp_path / "epoch_1.pt").exists()
+    partial = list(tmp_path.glob(".epoch_1.pt.*.tmp"))
+    assert len(partial) == 1  # what the crash left behind
     read_checkpoint(tmp_path / "epoch_0.pt")  # still intact
 
     resumed = run_train(
         [*common, "--epochs", "3", "--save", str(tmp_path), "--checkpoint", str(tmp_path)]
     )
     assert "resumed from" in resumed.stderr and "epoch_0.pt" in resumed.stderr
+    assert f"removed {partial[0]}" in resumed.stderr
+    assert not list(tmp_path.glob(".*.tmp"))  # the partial write is cleaned up
     names = [
         e["file"] for e in json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
     ]
@@ -364,7 +290,7 @@ def test_kill_during_checkpoint_write_and_corruption_fallback(synthetic_coco, tm
     figures(
         "kill (SIGKILL) during a checkpoint write",
         "previous checkpoint stays valid",
-        "epoch_0.pt intact and listed; the partial file never listed",
+        "epoch_0.pt intact and listed; the partial file never listed, deleted on resume",
         "resumed from it",
     )
     figures(
@@ -388,20 +314,7 @@ def test_malicious_checkpoint_is_refused_by_the_job(synthetic_coco, tmp_path, fi
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": {}, "x": Payload()}, evil)
-    proc = run_train(
-        [
-            "--data",
-            str(synthetic_coco),
-            "--checkpoint",
-            str(evil),
-            *SMALL,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-        ],
-        check=False,
-    )
+    proc = run_train(job(synthetic_coco, "--checkpoint", str(evil), "--epochs", "1"), check=False)
     assert proc.returncode != 0 and "weights-only" in proc.stderr
     assert not marker.exists()
     figures(
