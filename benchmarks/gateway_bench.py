@@ -5,6 +5,8 @@
    the server process used, divided by the images it answered.
 2. Efficiency: images/s through HTTP (service on the embedded ONNX Runtime backend, 640x480 JPEGs)
    vs calling the same backend directly (already-resized images), at the same concurrency.
+3. Where a 640x480 JPEG's decoding time goes, in this process (medians of single calls): the
+   whole ``decode_image``, Pillow's open + decode, and the 300x300 resize.
 Servers run as subprocesses; the client is this process (pre-encoded bodies, httpx threads).
 Run: .venv/bin/python benchmarks/gateway_bench.py [--seconds 20] [--repo model_repository]
 """
@@ -16,7 +18,6 @@ import asyncio
 import concurrent.futures as cf
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +30,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import machine, table
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.common import machine, median_seconds, table
+from loadtest.processes import NotReady, free_port, service_command, wait_ready
 
 
 def jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -49,6 +45,27 @@ def jpeg(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def decode_breakdown() -> list[list[object]]:
+    from service.imaging import ImageLimits, decode_image
+
+    body = jpeg(640, 480)
+
+    def load() -> Image.Image:
+        img = Image.open(io.BytesIO(body))
+        img.load()
+        return img
+
+    loaded = load()
+    parts = {
+        "decode_image (what a request pays)": lambda: decode_image(body, ImageLimits()),
+        "Pillow open + decode": load,
+        "resize to 300x300 (antialiased bilinear)": lambda: loaded.resize(
+            (300, 300), Image.Resampling.BILINEAR
+        ),
+    }
+    return [[name, f"{1e3 * median_seconds(fn, 300, warmup=10):.2f}"] for name, fn in parts.items()]
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -56,15 +73,12 @@ def cpu_seconds(pid: int) -> float:
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {cmd}")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    except NotReady:
+        proc.kill()
+        raise
+    return proc
 
 
 def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, float, int]:
@@ -142,10 +156,7 @@ async def direct_rate(repo: Path, concurrency: int, seconds: float) -> tuple[int
 
 def efficiency(repo: Path, seconds: float, concurrency: int = 8) -> list[list[object]]:
     port = free_port()
-    proc = start(
-        [sys.executable, "-m", "service", "--port", str(port), "--model-repository", str(repo)],
-        port,
-    )
+    proc = start(service_command(port, repo), port)
     try:
         url = f"http://127.0.0.1:{port}"
         body = jpeg(640, 480)
@@ -180,6 +191,8 @@ def main() -> None:
             gateway_cost(args.seconds),
         )
     )
+    print("\nDecoding one 640x480 JPEG, this process, one thread (median ms):")
+    print(table(["step", "ms"], decode_breakdown()))
     print("\nEfficiency over the embedded ONNX Runtime backend (640x480 JPEG):")
     print(
         table(

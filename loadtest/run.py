@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import csv
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,25 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise SystemExit("the service did not become ready")
+from loadtest.processes import NotReady, free_port, service_command, wait_ready
 
 
 @contextlib.contextmanager
@@ -62,17 +44,7 @@ def local_service(repo: Path, backend: str, tmp: Path) -> Iterator[str]:
         check=True,
     )
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repo),
-        "--log-level",
-        "warning",
-    ]
+    cmd = service_command(port, repo)
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
         if backend == "triton":
@@ -93,7 +65,10 @@ def local_service(repo: Path, backend: str, tmp: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc)
+            try:
+                wait_ready(url, proc)
+            except NotReady as exc:
+                raise SystemExit(f"error: {exc}") from None
             yield url
         finally:
             proc.terminate()

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import psutil
 
-from loadtest.run import free_port, locust_command, wait_ready
+from loadtest.processes import NotReady, free_port, service_command, wait_ready
+from loadtest.run import locust_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,25 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         capture_output=True,
     )
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--model-repository",
-            str(args.repo),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
+    server = subprocess.Popen(service_command(port, args.repo), cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     samples: list[dict] = []
     stop = threading.Event()
     try:
-        wait_ready(url, server)
+        try:
+            wait_ready(url, server)
+        except NotReady as exc:
+            raise SystemExit(f"error: {exc}") from None
         ps = psutil.Process(server.pid)
 
         def sample() -> None:

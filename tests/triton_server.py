@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loadtest.processes import free_port
 
 
 def triton_home() -> Path:
@@ -80,8 +75,8 @@ def start_triton(
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = f"{libs}:{env.get('LD_LIBRARY_PATH', '')}"
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    grpc_port, http_port = ports or (_free_port(), _free_port())
-    metrics_port = _free_port()
+    grpc_port, http_port = ports or (free_port(), free_port())
+    metrics_port = free_port()
     cmd = [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repo}",

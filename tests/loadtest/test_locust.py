@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.run import locust_command
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -20,27 +22,7 @@ def test_short_locust_run_has_no_failures(service, tmp_path):
     )
     prefix = tmp_path / "run"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            str(ROOT / "loadtest" / "locustfile.py"),
-            "--headless",
-            "--host",
-            service.url,
-            "--users",
-            "4",
-            "--spawn-rate",
-            "4",
-            "--run-time",
-            "15s",
-            "--csv",
-            str(prefix),
-            "--html",
-            f"{prefix}.html",
-            "--only-summary",
-        ],
+        locust_command(service.url, 4, 15, prefix, "--html", f"{prefix}.html"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.processes import NotReady, free_port, service_command, wait_ready
 from service.app import create_app
 from service.settings import Settings
 
@@ -41,10 +40,15 @@ class LiveService:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def triton_settings(grpc_url: str, repo: Path, **overrides) -> Settings:
+    """The gateway on the Triton backend, serving the Python-backend model of ``repo``."""
+    return Settings(
+        backend="triton",
+        triton_url=grpc_url,
+        model_name="ssd300_python",
+        model_repository=repo,
+        **overrides,
+    )
 
 
 @contextlib.contextmanager
@@ -74,32 +78,18 @@ def run_service(settings: Settings, backend=None) -> Iterator[LiveService]:
 
 
 def start_service(repo: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` as a child process, ready; returns (process, base URL)."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--model-repository",
-            str(repo),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        cwd=Path(__file__).resolve().parents[2],
+        service_command(port, repo, *extra), cwd=Path(__file__).resolve().parents[2]
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    try:
+        wait_ready(url, proc, timeout=60)
+    except NotReady:
+        proc.kill()
+        raise
+    return proc, url
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import Settings
-from tests.service.conftest import run_service
+from tests.service.conftest import run_service, triton_settings
 from tests.service.images import encode, photo
 from tests.triton_server import running_triton
 
@@ -20,11 +19,9 @@ def test_triton_and_embedded_agree(model_repo, service, tmp_path):
         embedded = c.post("/v1/detect", files=files, params=params).json()
 
     with running_triton(model_repo, ["ssd300_python"], tmp_path / "triton.log") as server:
-        settings = Settings(
-            backend="triton",
-            triton_url=server.grpc_url,
-            model_name="ssd300_python",
-            model_repository=model_repo,
+        settings = triton_settings(
+            server.grpc_url,
+            model_repo,
             backend_concurrency=2,
         )
         with run_service(settings) as live, live.client() as c:

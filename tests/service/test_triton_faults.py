@@ -10,8 +10,7 @@ import time
 import httpx
 import pytest
 
-from service.settings import Settings
-from tests.service.conftest import run_service
+from tests.service.conftest import run_service, triton_settings
 from tests.service.images import encode, photo
 from tests.triton_server import start_triton
 
@@ -62,11 +61,9 @@ def test_triton_killed_and_restarted(model_repo, tmp_path, figures):
     log = tmp_path / "triton.log"
     server = start_triton(model_repo, ["ssd300_python"], log)
     ports = (server.grpc_port, server.http_port)
-    settings = Settings(
-        backend="triton",
-        triton_url=server.grpc_url,
-        model_name="ssd300_python",
-        model_repository=model_repo,
+    settings = triton_settings(
+        server.grpc_url,
+        model_repo,
         request_timeout_s=5.0,
         triton_timeout_s=5.0,
     )
@@ -107,11 +104,9 @@ def test_triton_killed_and_restarted(model_repo, tmp_path, figures):
 def test_triton_hung_gives_504_at_the_deadline(model_repo, tmp_path, figures):
     server = start_triton(model_repo, ["ssd300_python"], tmp_path / "triton.log")
     deadline = 2.0
-    settings = Settings(
-        backend="triton",
-        triton_url=server.grpc_url,
-        model_name="ssd300_python",
-        model_repository=model_repo,
+    settings = triton_settings(
+        server.grpc_url,
+        model_repo,
         request_timeout_s=deadline,
     )
     try:
@@ -155,11 +150,9 @@ def test_triton_queue_full_surfaces_as_503(model_repo, tmp_path, figures):
     opts = ExportOptions(max_queue_size=1, queue_delay_us=0, max_batch_size=1)
     (repo / "ssd300_python" / "config.pbtxt").write_text(triton_config("python", opts))
     server = start_triton(repo, ["ssd300_python"], tmp_path / "triton.log")
-    settings = Settings(
-        backend="triton",
-        triton_url=server.grpc_url,
-        model_name="ssd300_python",
-        model_repository=repo,
+    settings = triton_settings(
+        server.grpc_url,
+        repo,
         backend_concurrency=12,
         batch_max_size=1,
         batch_max_delay_ms=0,
