@@ -5,7 +5,7 @@
    model, loss and optimizer, on the same batches, interleaved.
 2. Input pipeline images/s on 640x480 JPEGs with 2 threads: DALI on the CPU vs the torchvision
    fallback (DataLoader with 2 workers), full recipe (crop, flip, resize, colour, encode).
-Run: .venv/bin/python benchmarks/train_bench.py [--steps 3]
+Run: .venv/bin/python benchmarks/train_bench.py [--steps 3] [--pipeline-only]
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def pipeline_rate(data: Path, epochs: int = 2) -> list[list[object]]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--pipeline-only", action="store_true", help="skip the training-step table")
     args = p.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,12 +101,10 @@ def main() -> None:
         print(
             f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
         )
-        print("\nTraining step, ResNet-50 SSD300, fp32, CPU (medians, seconds per step):")
-        print(
-            table(
-                ["loop", "batch", "s/step", "images/s", "vs plain"], training_rate(data, args.steps)
-            )
-        )
+        if not args.pipeline_only:
+            print("\nTraining step, ResNet-50 SSD300, fp32, CPU (medians, seconds per step):")
+            rows = training_rate(data, args.steps)
+            print(table(["loop", "batch", "s/step", "images/s", "vs plain"], rows))
         print("\nInput pipeline, 640x480 JPEGs, full augmentation + box encoding, 2 threads:")
         print(table(["pipeline", "images", "images/s"], pipeline_rate(data)))
 
