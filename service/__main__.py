@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from service.app import create_app
+from service.memory import fix_mmap_threshold
 from service.settings import Settings
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    if settings.mmap_threshold:  # resident memory about half, and flat, under load
+        fix_mmap_threshold(settings.mmap_threshold)
     app = create_app(settings)
     print(
         f"SSD300 detection service on http://{settings.host}:{settings.port}/ "

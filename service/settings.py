@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(2, ge=1)
     jpeg_dct_scaling: bool = True  # decode large JPEGs at 1/2..1/8 scale (see imaging.py)
     request_timeout_s: float = Field(30.0, gt=0)
+    # glibc malloc: buffers above this many bytes are mapped and given back on free (see
+    # memory.py); 0 keeps glibc's adaptive threshold
+    mmap_threshold: int = Field(1 << 20, ge=0, le=32 << 20)
 
     # security
     api_key: SecretStr | None = None

@@ -8,6 +8,7 @@ that needs arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,21 +115,54 @@ class FolderBusy(CheckpointError):
     """Another job holds the save folder."""
 
 
-def lock_folder(folder: str | Path) -> IO[str]:
-    """Hold ``folder/.lock`` exclusively for as long as the returned file stays open.
+_HELD: set[Path] = set()  # folders this process holds (POSIX record locks are per process)
+
+
+class FolderLock:
+    """An exclusive claim on a save folder; :meth:`close` (or the process's death) ends it."""
+
+    def __init__(self, folder: Path, handle: IO[str]) -> None:
+        self.folder, self._handle = folder, handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor releases the record lock
+            self._handle = None
+            _HELD.discard(self.folder)
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lock_folder(folder: str | Path) -> FolderLock:
+    """Claim ``folder/.lock`` for as long as the returned lock stays open.
 
     Two jobs saving into one folder would overwrite each other's checkpoints and manifest; the
-    second one is refused instead (the lock dies with its process, so a crash never leaves it).
+    second one is refused instead. A POSIX record lock (``lockf``), not ``flock``: it belongs to
+    this process alone, so DataLoader workers forked from it do not inherit it and cannot keep
+    the folder locked after a SIGKILL of the job; the kernel drops it the moment the process
+    dies. Record locks do not exclude the same process, which ``_HELD`` does.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "w")  # noqa: SIM115 (held open on purpose)
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        raise FolderBusy(f"another training job is saving into {folder}")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a")  # noqa: SIM115 (held open on purpose)
+    except OSError as exc:
+        raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
         handle.close()
-        raise FolderBusy(f"another training job is saving into {folder}") from None
-    return handle
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise FolderBusy(f"another training job is saving into {folder}") from None
+        raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
+    _HELD.add(folder)
+    return FolderLock(folder, handle)
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:

@@ -26,7 +26,6 @@ from training import distributed as D
 from training.checkpoint import (
     FORMAT,
     CheckpointError,
-    FolderBusy,
     atomic_save,
     extract_state_dict,
     lock_folder,
@@ -197,15 +196,21 @@ def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
 
 
 def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
-    """Rank 0 locks --save (one job per folder) and deletes what a crashed write left there."""
-    if not (cfg.save and info.is_main and cfg.mode == "training"):
+    """Rank 0 locks --save (one job per folder) and deletes what a crashed write left there;
+    when it cannot, every rank stops with the same error (none is left waiting for it)."""
+    if not (cfg.save and cfg.mode == "training"):
         return None
-    try:
-        lock = lock_folder(cfg.save)
-    except FolderBusy as exc:
-        raise SystemExit(f"error: {exc}") from None
-    for partial in remove_partial_writes(cfg.save):
-        log.warning("removed %s, left by a crash in the middle of a checkpoint write", partial)
+    lock, error = None, ""
+    if info.is_main:
+        try:
+            lock = lock_folder(cfg.save)
+        except CheckpointError as exc:  # FolderBusy or an unusable folder
+            error = f"error: {exc}"
+    if D.any_rank(bool(error), info):
+        raise SystemExit(error or "error: rank 0 could not claim the save folder")
+    if lock is not None:
+        for partial in remove_partial_writes(cfg.save):
+            log.warning("removed %s, left by a crash in the middle of a checkpoint write", partial)
     return lock
 
 

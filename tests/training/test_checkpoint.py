@@ -140,3 +140,43 @@ def test_one_job_per_save_folder(tmp_path):
         lock_folder(tmp_path / "run")
     first.close()  # the first job ends (or dies): the folder is free again
     lock_folder(tmp_path / "run").close()
+    with lock_folder(tmp_path / "run"), pytest.raises(FolderBusy):  # a context manager too
+        lock_folder(tmp_path / "run")
+
+
+def test_save_folder_lock_dies_with_the_job_not_with_its_workers(tmp_path):
+    """A SIGKILLed job frees the folder at once even while a forked child (a DataLoader worker)
+    outlives it: a restart must not be refused as 'busy'."""
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "child.pid"
+    script = f"""
+import os, signal, time
+from training.checkpoint import lock_folder
+lock = lock_folder({str(tmp_path / "run")!r})
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+open({str(ready)!r}, "w").write(str(pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    from tests.training.conftest import ROOT
+
+    job = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60)
+    assert job.returncode == -9
+    child = int(ready.read_text())
+    try:
+        os.kill(child, 0)  # the worker is still alive ...
+        lock_folder(tmp_path / "run").close()  # ... and the folder is free
+    finally:
+        os.kill(child, 9)
+        time.sleep(0.1)
+
+
+def test_lock_folder_clear_error_for_an_unusable_folder(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="cannot lock the save folder"):
+        lock_folder(tmp_path / "file")
