@@ -44,6 +44,61 @@ def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
     assert entry["file"] == "epoch_0.pt" and len(entry["sha256"]) == 64
 
 
+def test_recipe_runs_as_two_nodes_with_c10d_rendezvous(synthetic_coco, tmp_path):
+    """recipes/ssd300_1gpu.sh started twice as two "nodes" of one process each (NNODES=2, one
+    c10d rendezvous endpoint, CPU/gloo), the documented multi-node command: global ranks 0 and 1
+    with local rank 0 on both, parameters in step, only global rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loadtest.processes import free_port
+    from tests.training.conftest import ROOT, SMALL
+
+    save = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DATA": str(synthetic_coco),
+        "SAVE": str(save),
+        "NNODES": "2",
+        "MASTER": f"127.0.0.1:{free_port()}",
+        "OMP_NUM_THREADS": "1",
+    }
+    # the recipe's own flags first, then these override them (argparse keeps the last value)
+    small = ["--epochs", "1", "--batch-size", "2", "--evaluation", "--no-amp"]
+    small += ["--data-backend", "torch", *SMALL]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(ROOT / "recipes" / "ssd300_1gpu.sh"), *small],
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], (
+        outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    )
+    records = read_metrics(save / "metrics.jsonl")
+    start, end = records[0], records[-1]
+    assert start["world_size"] == 2 and start["batches_per_epoch"] == 4  # 16 images / 2 / 2
+    assert end["event"] == "end" and end["iteration"] == 4
+    a, b = end["parameter_checksums"]
+    assert a == b
+    ckpt = read_checkpoint(save / "epoch_0.pt")
+    assert len(ckpt["rank_state"]) == 2 and ckpt["config"]["batch_size"] == 2
+    assert sorted(p.name for p in save.iterdir()) == [
+        ".lock",
+        "checkpoints.json",
+        "epoch_0.pt",
+        "metrics.jsonl",
+    ]
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_resume_is_exact(synthetic_coco, tmp_path, backend, figures):
     """4 epochs straight == 2 epochs + resume for 2: same per-step losses and parameters."""
