@@ -27,7 +27,7 @@ import psutil
 
 from benchmarks.common import machine, table
 from benchmarks.gateway_bench import jpeg, load
-from loadtest.processes import NotReady, free_port, service_command, wait_ready
+from loadtest.processes import free_port, ready_or_exit, service_command
 
 CONFIGS = {"glibc adaptive (SSD_MMAP_THRESHOLD=0)": "0", "fixed 1 MiB (default)": str(1 << 20)}
 
@@ -47,10 +47,7 @@ def one_round(repo: Path, threshold: str, seconds: float, clients: int) -> dict:
     stop = threading.Event()
     try:
         url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc)
-        except NotReady as exc:
-            raise SystemExit(f"error: {exc}") from None
+        ready_or_exit(url, proc)
         ps = psutil.Process(proc.pid)
         t0 = time.monotonic()
 

@@ -52,3 +52,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
                 return
         time.sleep(0.2)
     raise NotReady(f"the service did not become ready within {timeout:.0f} s")
+
+
+def ready_or_exit(url: str, proc: subprocess.Popen) -> None:
+    """:func:`wait_ready` for the scripts: a service that does not come up ends them with an error."""
+    try:
+        wait_ready(url, proc)
+    except NotReady as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from loadtest.processes import NotReady, free_port, service_command, wait_ready
+from loadtest.processes import free_port, ready_or_exit, service_command
 
 
 @contextlib.contextmanager
@@ -65,10 +65,7 @@ def local_service(repo: Path, backend: str, tmp: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(url, proc)
-            except NotReady as exc:
-                raise SystemExit(f"error: {exc}") from None
+            ready_or_exit(url, proc)
             yield url
         finally:
             proc.terminate()

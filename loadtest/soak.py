@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import psutil
 
-from loadtest.processes import NotReady, free_port, service_command, wait_ready
+from loadtest.processes import free_port, ready_or_exit, service_command
 from loadtest.run import locust_command
 
 
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[dict] = []
     stop = threading.Event()
     try:
-        try:
-            wait_ready(url, server)
-        except NotReady as exc:
-            raise SystemExit(f"error: {exc}") from None
+        ready_or_exit(url, server)
         ps = psutil.Process(server.pid)
 
         def sample() -> None:
