@@ -9,6 +9,7 @@
    whole ``decode_image``, Pillow's open + decode, and the 300x300 resize.
 Servers run as subprocesses; the client is this process (pre-encoded bodies, httpx threads).
 Run: .venv/bin/python benchmarks/gateway_bench.py [--seconds 20] [--repo model_repository]
+Needs an exported model in ``--repo`` (``make model`` puts one in model_repository).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ backend with 640x480 JPEGs from ``--clients`` threads for ``--seconds`` each; th
 sampled every 0.5 s. Reported per configuration: images/s (median over rounds), RSS median and
 maximum over the second half of each round, and the least-squares RSS trend over that half.
 Run: .venv/bin/python benchmarks/memory_bench.py [--seconds 60] [--rounds 2] [--clients 8]
+Needs an exported model in ``--repo`` (default model_repository; ``make model`` puts one there).
 """
 
 from __future__ import annotations

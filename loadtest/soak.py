@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup", type=float, default=60, help="seconds of load before the measured window"
     )
-    p.add_argument("--repo", type=Path, default=ROOT / "model_repository")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=ROOT / "loadtest" / "reports" / "model_repository",
+        help="model repository; a model with CPU instance groups is exported there when it has "
+        "none (the default is a scratch folder: the checked-in repository is left alone)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "soak")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
