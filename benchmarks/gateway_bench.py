@@ -9,6 +9,7 @@
    whole ``decode_image``, Pillow's open + decode, and the 300x300 resize.
 Servers run as subprocesses; the client is this process (pre-encoded bodies, httpx threads).
 Run: .venv/bin/python benchmarks/gateway_bench.py [--seconds 20] [--repo model_repository]
+     [--parts cost decode efficiency]
 Needs an exported model in ``--repo`` (``make model`` puts one in model_repository).
 """
 
@@ -180,27 +181,28 @@ def efficiency(repo: Path, seconds: float, concurrency: int = 8) -> list[list[ob
 
 
 def main() -> None:
+    import PIL
+
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--repo", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--parts", nargs="+", choices=["cost", "decode", "efficiency"], default=PARTS)
     args = p.parse_args()
-    print(f"machine: {machine()}")
-    print("\nGateway CPU per image, zero-cost backend, 4 concurrent clients:")
-    print(
-        table(
-            ["image", "JPEG size", "decoding", "gateway CPU ms/image", "req/s", "errors"],
-            gateway_cost(args.seconds),
-        )
-    )
-    print("\nDecoding one 640x480 JPEG, this process, one thread (median ms):")
-    print(table(["step", "ms"], decode_breakdown()))
-    print("\nEfficiency over the embedded ONNX Runtime backend (640x480 JPEG):")
-    print(
-        table(
-            ["concurrency", "direct backend images/s", "HTTP images/s", "ratio", "errors"],
-            efficiency(args.repo, args.seconds),
-        )
-    )
+    print(f"machine: {machine()}, Pillow {PIL.__version__}")
+    if "cost" in args.parts:
+        print("\nGateway CPU per image, zero-cost backend, 4 concurrent clients:")
+        headers = ["image", "JPEG size", "decoding", "gateway CPU ms/image", "req/s", "errors"]
+        print(table(headers, gateway_cost(args.seconds)))
+    if "decode" in args.parts:
+        print("\nDecoding one 640x480 JPEG, this process, one thread (median ms):")
+        print(table(["step", "ms"], decode_breakdown()))
+    if "efficiency" in args.parts:
+        print("\nEfficiency over the embedded ONNX Runtime backend (640x480 JPEG):")
+        headers = ["concurrency", "direct backend images/s", "HTTP images/s", "ratio", "errors"]
+        print(table(headers, efficiency(args.repo, args.seconds)))
+
+
+PARTS = ["cost", "decode", "efficiency"]
 
 
 if __name__ == "__main__":
