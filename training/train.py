@@ -166,14 +166,18 @@ def validate(cfg: TrainConfig, info: D.DistInfo) -> None:
         if cfg.mode in ("evaluation", "benchmark-inference")
         else ("train2017", "val2017")
     )
+    error = ""
     try:
         check_data_folder(data, splits)
-        from training.data.coco import load_index
+        if info.is_main:  # one full parse is enough (COCO's train JSON is ~450 MB per process)
+            from training.data.coco import load_index
 
-        for split in splits:
-            load_index(data / "annotations" / f"instances_{split}.json", skip_empty=False)
+            for split in splits:
+                load_index(data / "annotations" / f"instances_{split}.json", skip_empty=False)
     except DataError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        error = f"error: {exc}"
+    if D.any_rank(bool(error), info):
+        raise SystemExit(error or "error: rank 0 found the data unusable (its message says why)")
     if cfg.mode in ("training", "benchmark-training") and cfg.batch_size < 2:
         raise SystemExit(
             "error: --batch-size must be at least 2 per process (BatchNorm on the "

@@ -202,6 +202,10 @@ def test_clear_errors(tmp_path, synthetic_coco, figures):
     (bad / "annotations" / "instances_val2017.json").write_text("{}")
     broken = run_train(["--data", str(bad), "--epochs", "1"], check=False)
     assert broken.returncode != 0 and "not valid JSON" in broken.stderr
+    # two processes: rank 0 alone parses the annotations; both stop, neither waits for the other
+    broken2 = run_train(["--data", str(bad), "--epochs", "1"], nproc=2, check=False, timeout=300)
+    assert broken2.returncode != 0 and "not valid JSON" in broken2.stderr
+    assert "rank 0 found the data unusable" in broken2.stderr
     one = run_train(["--data", str(synthetic_coco), "--batch-size", "1"], check=False)
     assert one.returncode != 0 and "at least 2 per process" in one.stderr
     held = lock_folder(tmp_path / "busy")  # another job is saving there
