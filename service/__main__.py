@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    if settings.mmap_threshold:  # resident memory about half, and flat, under load
-        fix_mmap_threshold(settings.mmap_threshold)
+    # resident memory about half, and flat, under load (service/memory.py)
+    if settings.mmap_threshold and not fix_mmap_threshold(settings.mmap_threshold):
+        logging.getLogger("service").info(
+            "malloc's mmap threshold left as it is (not glibc, or set by MALLOC_MMAP_THRESHOLD_ "
+            "or GLIBC_TUNABLES)"
+        )
     app = create_app(settings)
     print(
         f"SSD300 detection service on http://{settings.host}:{settings.port}/ "

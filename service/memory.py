@@ -19,8 +19,10 @@ MMAP_THRESHOLD = 1 << 20
 
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold; False where that is not possible (not glibc) or where the
-    operator chose one with ``MALLOC_MMAP_THRESHOLD_``."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    operator chose one (``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold``)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

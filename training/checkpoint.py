@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,6 +117,7 @@ class FolderBusy(CheckpointError):
 
 
 _HELD: set[Path] = set()  # folders this process holds (POSIX record locks are per process)
+_HELD_GUARD = threading.RLock()  # re-entrant: __del__ may run inside lock_folder
 
 
 class FolderLock:
@@ -125,10 +127,14 @@ class FolderLock:
         self.folder, self._handle = folder, handle
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the descriptor releases the record lock
-            self._handle = None
-            _HELD.discard(self.folder)
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()  # closing the descriptor releases the record lock
+            with _HELD_GUARD:
+                _HELD.discard(self.folder)
+
+    def __del__(self) -> None:  # dropped without close(): the descriptor goes, so must the claim
+        self.close()
 
     def __enter__(self) -> FolderLock:
         return self
@@ -144,24 +150,29 @@ def lock_folder(folder: str | Path) -> FolderLock:
     second one is refused instead. A POSIX record lock (``lockf``), not ``flock``: it belongs to
     this process alone, so DataLoader workers forked from it do not inherit it and cannot keep
     the folder locked after a SIGKILL of the job; the kernel drops it the moment the process
-    dies. Record locks do not exclude the same process, which ``_HELD`` does.
+    dies (on a local file system; over NFS the server's lease decides). Record locks do not
+    exclude the same process, which ``_HELD`` does.
     """
-    folder = Path(folder).resolve()
-    if folder in _HELD:
-        raise FolderBusy(f"another training job is saving into {folder}")
     try:
+        folder = Path(folder).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "a")  # noqa: SIM115 (held open on purpose)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
         raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            raise FolderBusy(f"another training job is saving into {folder}") from None
-        raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
-    _HELD.add(folder)
+    with _HELD_GUARD:
+        if folder in _HELD:  # checked before opening: closing a second descriptor would unlock
+            raise FolderBusy(f"another training job is saving into {folder}")
+        try:
+            handle = open(folder / ".lock", "a")  # noqa: SIM115 (held open on purpose)
+        except OSError as exc:
+            raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise FolderBusy(f"another training job is saving into {folder}") from None
+            raise CheckpointError(f"cannot lock the save folder {folder}: {exc}") from None
+        _HELD.add(folder)
     return FolderLock(folder, handle)
 
 

@@ -4,6 +4,7 @@ the next one of that size is mapped again instead of being carved out of the hea
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 
@@ -35,8 +36,16 @@ libc.free(p)
 
 
 def mapped_blocks(mode: str) -> int:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+    }
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, mode],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip())
 
@@ -53,4 +62,7 @@ def test_operator_choice_is_kept(monkeypatch):
     from service.memory import fix_mmap_threshold
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fix_mmap_threshold() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     assert fix_mmap_threshold() is False

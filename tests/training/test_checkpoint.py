@@ -142,6 +142,9 @@ def test_one_job_per_save_folder(tmp_path):
     lock_folder(tmp_path / "run").close()
     with lock_folder(tmp_path / "run"), pytest.raises(FolderBusy):  # a context manager too
         lock_folder(tmp_path / "run")
+    dropped = lock_folder(tmp_path / "run")
+    del dropped  # dropped without close(): the claim goes with it
+    lock_folder(tmp_path / "run").close()
 
 
 def test_save_folder_lock_dies_with_the_job_not_with_its_workers(tmp_path, figures):

@@ -51,6 +51,7 @@ def test_recipe_runs_as_two_nodes_with_c10d_rendezvous(synthetic_coco, tmp_path)
     import os
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from loadtest.processes import free_port
@@ -69,19 +70,33 @@ def test_recipe_runs_as_two_nodes_with_c10d_rendezvous(synthetic_coco, tmp_path)
     # the recipe's own flags first, then these override them (argparse keeps the last value)
     small = ["--epochs", "1", "--batch-size", "2", "--evaluation", "--no-amp"]
     small += ["--data-backend", "torch", *SMALL]
-    nodes = [
-        subprocess.Popen(
-            ["bash", str(ROOT / "recipes" / "ssd300_1gpu.sh"), *small],
-            env={**env, "NODE_RANK": str(node)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], (
-        outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    nodes = []
+    try:
+        for node, log in enumerate(logs):
+            with open(log, "wb") as out:  # files, not pipes: a full pipe would stall a node
+                nodes.append(
+                    subprocess.Popen(
+                        ["bash", str(ROOT / "recipes" / "ssd300_1gpu.sh"), *small],
+                        env={**env, "NODE_RANK": str(node)},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + 600
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for node in nodes:  # torchrun (the recipe execs it) stops its worker on SIGTERM
+            if node.poll() is None:
+                node.terminate()
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+                    node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], "".join(
+        log.read_text(errors="replace")[-3000:] for log in logs
     )
     records = read_metrics(save / "metrics.jsonl")
     start, end = records[0], records[-1]
