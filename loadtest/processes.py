@@ -5,6 +5,7 @@ Shared by the load tests, the soak, the benchmarks and the test suite.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+SCRATCH_REPO = Path(__file__).resolve().parents[1] / "loadtest" / "reports" / "model_repository"
 
 
 def free_port() -> int:
@@ -60,3 +63,14 @@ def ready_or_exit(url: str, proc: subprocess.Popen) -> None:
         wait_ready(url, proc)
     except NotReady as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def add_repo_argument(p: argparse.ArgumentParser) -> None:
+    """``--repo`` of the load-test scripts, which export a CPU model into it when it has none."""
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=SCRATCH_REPO,
+        help="model repository; a model with CPU instance groups is exported there when it has "
+        "none (the default is a scratch folder: the checked-in repository is left alone)",
+    )

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from loadtest.processes import free_port, ready_or_exit, service_command
+from loadtest.processes import add_repo_argument, free_port, ready_or_exit, service_command
 
 
 @contextlib.contextmanager
@@ -148,13 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["onnx", "triton"], default="onnx")
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--seconds", type=int, default=30)
-    p.add_argument(
-        "--repo",
-        type=Path,
-        default=ROOT / "loadtest" / "reports" / "model_repository",
-        help="model repository; a model with CPU instance groups is exported there when it has "
-        "none (the default is a scratch folder: the checked-in repository is left alone)",
-    )
+    add_repo_argument(p)
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports")
     p.add_argument("--model-rate", action="store_true", help="also time the model alone")
     args = p.parse_args(argv)

@@ -1,11 +1,12 @@
 """Soak: sustained locust load on the service while its RSS, open files and latency are sampled.
 
-    python loadtest/soak.py [--minutes 10] [--users 16] [--out loadtest/reports/soak]
+    python loadtest/soak.py [--minutes 10] [--users 16] [--warmup 60] [--repo DIR]
+                            [--out loadtest/reports/soak]
 
-Starts the service on the embedded backend (or targets --pid/--host of a running one), runs
-locust headless, samples the server process every 2 s and prints a JSON summary of the window after --warmup: requests,
-failures, RSS growth over the second half (least-squares trend), open-file change, latency percentiles per quarter.
-Exit 1 on any failed request.
+Starts the service on the embedded backend (exporting a random-init CPU model into --repo when it
+has none), runs locust headless, samples the server process every 2 s and prints a JSON summary of
+the window after --warmup: requests, failures, RSS growth over the second half (least-squares
+trend), open-file change, latency percentiles per quarter. Exit 1 on any failed request.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import psutil
 
-from loadtest.processes import free_port, ready_or_exit, service_command
+from loadtest.processes import add_repo_argument, free_port, ready_or_exit, service_command
 from loadtest.run import locust_command
 
 
@@ -38,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup", type=float, default=60, help="seconds of load before the measured window"
     )
-    p.add_argument(
-        "--repo",
-        type=Path,
-        default=ROOT / "loadtest" / "reports" / "model_repository",
-        help="model repository; a model with CPU instance groups is exported there when it has "
-        "none (the default is a scratch folder: the checked-in repository is left alone)",
-    )
+    add_repo_argument(p)
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "soak")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
