@@ -69,6 +69,15 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def from_main(compute, info: DistInfo):
+    """``compute()`` on rank 0 only; every rank gets its (picklable) result."""
+    if not info.distributed:
+        return compute()
+    box = [compute() if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. stop requests)."""
     if not info.distributed:

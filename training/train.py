@@ -219,10 +219,13 @@ def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
 
 
 def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state):
-    from training.data import DaliLoader, TorchTrainLoader
+    from training.data import DaliLoader, TorchTrainLoader, subset_files
 
     data = Path(cfg.data)
     if cfg.data_backend == "dali":
+        images = None
+        if cfg.max_train_images:  # one parse of the annotations, on rank 0, for every rank
+            images = D.from_main(lambda: subset_files(data, cfg.max_train_images), info)
         return DaliLoader(
             data,
             cfg.batch_size,
@@ -235,6 +238,7 @@ def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state
             state,
             cfg.augment,
             cfg.max_train_images,
+            images,
         )
     return TorchTrainLoader(
         data,

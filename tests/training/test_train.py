@@ -21,23 +21,32 @@ pytestmark = pytest.mark.slow
 
 
 def test_ddp_two_processes_stay_in_step(synthetic_coco, tmp_path):
-    """torchrun with 2 CPU processes (gloo) and DALI: same parameters on both ranks, checkpoint."""
+    """torchrun with 2 CPU processes (gloo) and DALI: same parameters on both ranks, checkpoint;
+    --max-train-images chosen on rank 0 and shared (12 of the 16 images, 6 per rank)."""
     run_train(
         job(
-            synthetic_coco, "--epochs", "1", "--evaluation", "--save", str(tmp_path), backend="dali"
+            synthetic_coco,
+            "--epochs",
+            "1",
+            "--evaluation",
+            "--save",
+            str(tmp_path),
+            "--max-train-images",
+            "12",
+            backend="dali",
         ),
         nproc=2,
     )
     records = read_metrics(tmp_path / "metrics.jsonl")
     start = records[0]
-    assert start["world_size"] == 2 and start["batches_per_epoch"] == 4  # 16 images / 2 ranks / 2
+    assert start["world_size"] == 2 and start["batches_per_epoch"] == 3  # 12 images / 2 ranks / 2
     assert math.isclose(start["lr"], 2.6e-3 * 2 * 2 / 32)  # base x world size x batch / 32
     end = records[-1]
-    assert end["event"] == "end" and end["iteration"] == 4
+    assert end["event"] == "end" and end["iteration"] == 3
     a, b = end["parameter_checksums"]
     assert a == b
     ckpt = read_checkpoint(tmp_path / "epoch_0.pt")
-    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3
     assert len(ckpt["rank_state"]) == 2 and all(r["data"] for r in ckpt["rank_state"])
     assert ckpt["config"]["batch_size"] == 2
     (entry,) = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]

@@ -84,6 +84,13 @@ class TorchTrainLoader:
         return None  # position is (epoch, batch) in the checkpoint; the order is reproducible
 
 
+def subset_files(data: Path, max_images: int) -> list[str]:
+    """The files of ``--max-train-images``: the first annotated training images by id, the same
+    subset as the torchvision loader's."""
+    subset = CocoSplit(data, "train2017", skip_empty=True, max_images=max_images)
+    return [im["file_name"] for im in subset.images]
+
+
 class DaliLoader:
     """DALI pipeline with checkpointing: its state is saved with ours for exact resume."""
 
@@ -100,13 +107,14 @@ class DaliLoader:
         state: str | None = None,
         augment: bool = True,
         max_images: int | None = None,
+        images: list[str] | None = None,
     ) -> None:
+        """``images``: the files of ``subset_files(data, max_images)`` when the caller has them
+        already (rank 0 computes them once for all ranks); otherwise computed here."""
         from training.data.dali import NO_AUGMENT, RECIPE, DaliTrainLoader
 
-        images = None
-        if max_images:  # the same subset as the torchvision loader's
-            subset = CocoSplit(data, "train2017", skip_empty=True, max_images=max_images)
-            images = [im["file_name"] for im in subset.images]
+        if max_images and images is None:
+            images = subset_files(data, max_images)
 
         self.inner = DaliTrainLoader(
             data,
