@@ -29,8 +29,12 @@ import psutil
 from benchmarks.common import machine, table
 from benchmarks.gateway_bench import jpeg, load
 from loadtest.processes import free_port, ready_or_exit, service_command
+from service.memory import MMAP_THRESHOLD
 
-CONFIGS = {"glibc adaptive (SSD_MMAP_THRESHOLD=0)": "0", "fixed 1 MiB (default)": str(1 << 20)}
+CONFIGS = {
+    "glibc adaptive (SSD_MMAP_THRESHOLD=0)": "0",
+    f"fixed {MMAP_THRESHOLD >> 20} MiB (default)": str(MMAP_THRESHOLD),
+}
 
 
 def one_round(repo: Path, threshold: str, seconds: float, clients: int) -> dict:

@@ -3,8 +3,9 @@
     python loadtest/run.py [--host URL] [--backend onnx|triton] [--users 1 4 16] [--seconds 30]
 
 Without --host it starts the service itself on the embedded backend (exporting a random-init model
-with CPU instance groups first if --repo, by default loadtest/reports/model_repository, has none), or, with --backend triton, a local tritonserver (Python backend, CPU)
-plus the gateway. Fails (exit 1) on any failed request.
+with CPU instance groups first if --repo, by default loadtest/reports/model_repository, has none),
+or, with --backend triton, a local tritonserver (Python backend, CPU) plus the gateway. Fails
+(exit 1) on any failed request.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.memory import MMAP_THRESHOLD
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore")
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0)
     # glibc malloc: buffers above this many bytes are mapped and given back on free (see
     # memory.py); 0 keeps glibc's adaptive threshold
-    mmap_threshold: int = Field(1 << 20, ge=0, le=32 << 20)
+    mmap_threshold: int = Field(MMAP_THRESHOLD, ge=0, le=32 << 20)
 
     # security
     api_key: SecretStr | None = None

@@ -89,6 +89,13 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def exit_together(error: str, info: DistInfo, elsewhere: str) -> None:
+    """Every rank stops (SystemExit) when any rank has an ``error``; the ranks without one say
+    ``elsewhere``. Every rank must call it: it is a collective."""
+    if any_rank(bool(error), info):
+        raise SystemExit(error or elsewhere)
+
+
 def sum_over_ranks(value: float, info: DistInfo) -> float:
     if not info.distributed:
         return value

@@ -176,8 +176,7 @@ def validate(cfg: TrainConfig, info: D.DistInfo) -> None:
                 load_index(data / "annotations" / f"instances_{split}.json", skip_empty=False)
     except DataError as exc:
         error = f"error: {exc}"
-    if D.any_rank(bool(error), info):
-        raise SystemExit(error or "error: rank 0 found the data unusable (its message says why)")
+    D.exit_together(error, info, "error: rank 0 found the data unusable (its message says why)")
     if cfg.mode in ("training", "benchmark-training") and cfg.batch_size < 2:
         raise SystemExit(
             "error: --batch-size must be at least 2 per process (BatchNorm on the "
@@ -210,8 +209,7 @@ def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
             lock = lock_folder(cfg.save)
         except CheckpointError as exc:  # FolderBusy or an unusable folder
             error = f"error: {exc}"
-    if D.any_rank(bool(error), info):
-        raise SystemExit(error or "error: rank 0 could not claim the save folder")
+    D.exit_together(error, info, "error: rank 0 could not claim the save folder")
     if lock is not None:
         for partial in remove_partial_writes(cfg.save):
             log.warning("removed %s, left by a crash in the middle of a checkpoint write", partial)
@@ -237,7 +235,6 @@ def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state
             amp,
             state,
             cfg.augment,
-            cfg.max_train_images,
             images,
         )
     return TorchTrainLoader(

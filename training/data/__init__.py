@@ -106,15 +106,10 @@ class DaliLoader:
         fp16: bool,
         state: str | None = None,
         augment: bool = True,
-        max_images: int | None = None,
         images: list[str] | None = None,
     ) -> None:
-        """``images``: the files of ``subset_files(data, max_images)`` when the caller has them
-        already (rank 0 computes them once for all ranks); otherwise computed here."""
+        """``images``: read only these files (``subset_files`` of ``--max-train-images``)."""
         from training.data.dali import NO_AUGMENT, RECIPE, DaliTrainLoader
-
-        if max_images and images is None:
-            images = subset_files(data, max_images)
 
         self.inner = DaliTrainLoader(
             data,
