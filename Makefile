@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make serve   install, make sure a model exists in model_repository/, start the service
+#   make serve   install, make sure a model exists in model_repository/ (NVIDIA's COCO
+#                checkpoint, else a random-init one saying why), start the service
 #   make test    install, lint, run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -41,7 +42,7 @@ test: install system-deps lint
 	$(PY) -m pytest
 
 model: install
-	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--random-init)
+	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--checkpoint nvidia --fallback-random-init)
 
 serve: model
 	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(REPO) --backend onnx

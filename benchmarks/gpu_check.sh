@@ -52,7 +52,7 @@ step() {
   local t0=$SECONDS
   timeout "$limit" $PY -m torch.distributed.run --standalone --nproc_per_node=1 \
     training/train.py --data "$DATA" --data-backend torch --num-workers "$WORKERS" \
-    --backbone "$BACKBONE" "$@" >"$OUT/$name.log" 2>&1
+    --backbone "$BACKBONE" --backbone-weights none "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
   local result

@@ -27,7 +27,6 @@ from service.metrics import Metrics
 from service.multipart import read_form
 from service.pipeline import DetectParams, Pipeline
 from service.settings import Settings
-from ssdcore.labels import resolve_class_filter
 
 log = logging.getLogger("service")
 STATIC = Path(__file__).with_name("static")
@@ -159,10 +158,19 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         await be.start()
         if be.info.random_weights:
             log.warning(
-                "THE MODEL %s HAS RANDOM WEIGHTS: its detections are meaningless. "
+                "THE MODEL %s HAS RANDOM WEIGHTS: its detections are meaningless%s. "
                 "Export a trained checkpoint with CHECKPOINT=... make serve",
                 be.info.name,
+                f" ({be.info.metadata['random_init_reason']})"
+                if be.info.metadata.get("random_init_reason")
+                else "",
             )
+        log.info(
+            "model %s: %d classes: %s",
+            be.info.name,
+            len(be.info.classes),
+            be.info.classes.summary(),
+        )
         batcher = MicroBatcher(
             be,
             settings.batch_max_size,
@@ -192,7 +200,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app = FastAPI(
         title="SSD300 detection service",
         version="1.0",
-        summary="COCO object detection with SSD300 v1.1 (ResNet-50)",
+        summary="Object detection with SSD300 v1.1 (ResNet backbone) on the model's own classes",
         lifespan=lifespan,
     )
     app.add_exception_handler(ApiError, errors.api_error_handler)
@@ -245,11 +253,19 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         iou_threshold: Annotated[float, Query(gt=0.0, le=1.0)] = settings.iou_threshold,
         max_detections: Annotated[int, Query(ge=1, le=1000)] = settings.max_detections,
         classes: Annotated[
-            str | None, Query(max_length=2000, description="comma-separated names or COCO ids")
+            str | None,
+            Query(
+                max_length=2000,
+                description="comma-separated class names or category ids of this model "
+                "(GET /v1/models lists them)",
+            ),
         ] = None,
     ) -> JSONResponse:
         try:
-            allowed = frozenset(resolve_class_filter(classes.split(","))) if classes else None
+            model_classes = pipe.backend.info.classes
+            allowed = (
+                frozenset(model_classes.resolve_filter(classes.split(","))) if classes else None
+            )
         except ValueError as exc:
             raise ApiError(422, "invalid_parameter", str(exc)) from None
         state = request.app.state
@@ -284,7 +300,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     "backend": info.backend,
                     "candidates_per_image": info.topk,
                     "random_weights": info.random_weights,
+                    "random_weights_reason": info.metadata.get("random_init_reason"),
                     "ready": await pipe.backend.ready(),
+                    "classes": info.classes.public(),
                     "metadata": info.metadata,
                 }
             ],

@@ -47,23 +47,43 @@ def annotate(path: Path, detections: list[dict], out: Path) -> None:
         img.save(out, quality=92)
 
 
+def list_classes(url: str, headers: dict, timeout: float) -> int:
+    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
+    if r.status_code != 200:
+        print(f"HTTP {r.status_code}: {r.text[:200]}", file=sys.stderr)
+        return 1
+    model = r.json()["models"][0]
+    print(f"{model['name']}: {len(model['classes'])} classes")
+    for c in model["classes"]:
+        print(f"{c['id']:>6}  {c['name']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m service.client",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("paths", nargs="*", type=Path, help="image files or folders")
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--out", type=Path, default=Path("detections"))
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.add_argument("--iou-threshold", type=float, default=0.5)
     p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--classes", help="comma-separated names or COCO ids")
+    p.add_argument("--classes", help="comma-separated class names or category ids of the model")
+    p.add_argument(
+        "--list-classes", action="store_true", help="print the served model's classes and exit"
+    )
     p.add_argument("--api-key")
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args(argv)
 
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    if args.list_classes:
+        return list_classes(args.url, headers, args.timeout)
+    if not args.paths:
+        p.error("give image files or folders (or --list-classes)")
     files = collect(args.paths)
     args.out.mkdir(parents=True, exist_ok=True)
     params = {
@@ -73,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.classes:
         params["classes"] = args.classes
-    headers = {"X-API-Key": args.api_key} if args.api_key else {}
     results, failures = {}, 0
     with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as client:
         for path in files:

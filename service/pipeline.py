@@ -14,7 +14,7 @@ from service.batching import BatchResult, MicroBatcher
 from service.errors import ApiError
 from service.imaging import DecodedImage, ImageLimits, decode_image
 from service.metrics import Metrics
-from ssdcore.labels import CONTIGUOUS_TO_COCO, LABEL_NAMES
+from ssdcore.labels import ClassList
 from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS, Postprocess
 
@@ -24,7 +24,9 @@ class DetectParams:
     score_threshold: float
     iou_threshold: float
     max_detections: int
-    classes: frozenset[int] | None  # contiguous labels to keep; None: all
+    classes: (
+        frozenset[int] | None
+    )  # contiguous labels to keep; None: all (ClassList.resolve_filter)
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Pipeline:
                     "width": image.width,
                     "height": image.height,
                     "detections": to_pixel_detections(
-                        det.boxes, det.scores, det.classes, image.width, image.height
+                        det.boxes, det.scores, det.classes, image.width, image.height, info.classes
                     ),
                 }
             )
@@ -123,11 +125,18 @@ class Pipeline:
 
 
 def to_pixel_detections(
-    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, width: int, height: int
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    width: int,
+    height: int,
+    classes: ClassList,
 ) -> list[dict]:
-    """Normalised xyxy -> pixel boxes of the displayed image, clipped to it."""
+    """Normalised xyxy -> pixel boxes of the displayed image, clipped to it; contiguous labels
+    -> the model's category ids and names."""
     scale = np.array([width, height, width, height], dtype=np.float64)
     px = np.clip(boxes.astype(np.float64) * scale, 0, scale)
+    ids = classes.category_ids(labels).tolist()
     return [
         {
             "box": {
@@ -137,8 +146,8 @@ def to_pixel_detections(
                 "y2": round(float(b[3]), 2),
             },
             "score": float(s),
-            "category_id": int(CONTIGUOUS_TO_COCO[c]),
-            "label": LABEL_NAMES[c],
+            "category_id": int(cid),
+            "label": classes.name(c),
         }
-        for b, s, c in zip(px, scores, classes.tolist())
+        for b, s, c, cid in zip(px, scores, labels.tolist(), ids)
     ]

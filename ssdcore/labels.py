@@ -1,12 +1,23 @@
-"""COCO 2017 class names and the contiguous (1..80) <-> COCO category id (1..90) map.
+"""A model's classes: contiguous labels <-> a dataset's category ids and names. COCO is one of them.
 
-The network predicts contiguous labels: 0 is background, 1..80 follow the COCO categories sorted by
-id (the order of ``instances_*2017.json``). COCO ids skip 12, 26, 29, 30, 45, 66, 68, 69, 71, 83.
+The network predicts contiguous labels: 0 is background, 1..N follow the ``categories`` of the
+training annotations in file order (what the reference and DALI's COCO reader do). A
+:class:`ClassList` maps those labels back to the dataset's own category ids and names. It is saved
+in every checkpoint, written by the export next to the model (``classes.json``, ``labels.txt``,
+the ONNX metadata) and read by the service at start-up. :data:`COCO` is the list of COCO 2017
+(80 classes, ids 1..90 with gaps): the classes of NVIDIA's published checkpoint.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
 import numpy as np
+
+FORMAT = "ssd300-classes/1"
 
 COCO_NAMES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -20,39 +31,163 @@ COCO_NAMES: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
-
-_MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-COCO_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _MISSING_IDS)
-
-assert len(COCO_NAMES) == 80 and len(COCO_IDS) == 80
-
-# contiguous label (1..80) -> COCO category id; index 0 (background) maps to 0
-CONTIGUOUS_TO_COCO = np.array((0, *COCO_IDS), dtype=np.int32)
-COCO_TO_CONTIGUOUS: dict[int, int] = {coco: i + 1 for i, coco in enumerate(COCO_IDS)}
-# contiguous label -> name, with the background at 0 (the reference checkpoint's 'label_map')
-LABEL_NAMES: tuple[str, ...] = ("background", *COCO_NAMES)
+_COCO_MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+COCO_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _COCO_MISSING_IDS)
 
 
-def label_map_from_categories(categories: list[dict]) -> dict[int, int]:
-    """COCO category id -> contiguous label 1..N, in file order (what the reference and DALI do)."""
-    return {int(c["id"]): i + 1 for i, c in enumerate(categories)}
+def fold_name(name: str) -> str:
+    """Case- and width-insensitive form of a name, for lookups (``Café`` == ``CAFÉ``)."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
 
 
-def resolve_class_filter(items: list[str]) -> set[int]:
-    """Names or COCO ids (as strings) -> a set of contiguous labels. Raises ValueError on unknowns."""
-    by_name = {n: i + 1 for i, n in enumerate(COCO_NAMES)}
-    out: set[int] = set()
-    for raw in items:
-        item = raw.strip()
-        if not item:
-            continue
-        if item.isdigit():
-            coco_id = int(item)
-            if coco_id not in COCO_TO_CONTIGUOUS:
-                raise ValueError(f"unknown COCO category id {coco_id}")
-            out.add(COCO_TO_CONTIGUOUS[coco_id])
-        elif item.lower() in by_name:
-            out.add(by_name[item.lower()])
-        else:
-            raise ValueError(f"unknown class name {item!r}")
-    return out
+@dataclass(frozen=True)
+class ClassList:
+    """Label ``i`` (1..N) is the category ``ids[i - 1]`` named ``names[i - 1]``; 0 is background.
+
+    Invariants (checked): at least one class, ids unique integers, names unique non-empty
+    strings without control characters (a newline would shift every line of ``labels.txt``).
+    """
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        ids, names = tuple(self.ids), tuple(self.names)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "names", names)
+        if not ids or len(ids) != len(names):
+            raise ValueError("a class list needs at least one class and one name per id")
+        for cid, name in zip(ids, names):
+            if isinstance(cid, bool) or not isinstance(cid, int):
+                raise ValueError(f"category id {cid!r} is not an integer")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"category {cid} has no name")
+            if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+                raise ValueError(f"category {cid}: name {name!r} contains control characters")
+        for what, values in (("id", ids), ("name", names)):
+            seen: set = set()
+            for v in values:
+                if v in seen:
+                    raise ValueError(f"two categories have the {what} {v!r}")
+                seen.add(v)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_categories(cls, categories: Any) -> ClassList:
+        """The ``categories`` of a COCO instances JSON, in file order."""
+        if not isinstance(categories, list) or not categories:
+            raise ValueError("'categories' must be a non-empty list")
+        try:
+            return cls(
+                tuple(c["id"] for c in categories), tuple(str(c["name"]) for c in categories)
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"every category needs an 'id' and a 'name' ({exc!r})") from None
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ClassList:
+        """What :meth:`to_json` wrote: labels 1..N in order, each with its id and name."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
+            raise ValueError("a class list is {'format': ..., 'classes': [{label, id, name}]}")
+        entries = doc["classes"]
+        try:
+            labels = [e["label"] for e in entries]
+            if labels != list(range(1, len(entries) + 1)):
+                raise ValueError(f"labels must be 1..{len(entries)} in order, got {labels[:10]}")
+            return cls(tuple(e["id"] for e in entries), tuple(e["name"] for e in entries))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"every class needs 'label', 'id' and 'name' ({exc!r})") from None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "classes": [
+                {"label": i + 1, "id": cid, "name": name}
+                for i, (cid, name) in enumerate(zip(self.ids, self.names))
+            ],
+        }
+
+    # ------------------------------------------------------------------ facts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the network: the classes plus the background."""
+        return len(self.ids) + 1
+
+    def labels_txt(self) -> str:
+        """One name per line, line i for label i (Triton's ``label_filename``)."""
+        return "\n".join(("background", *self.names)) + "\n"
+
+    def label_map(self) -> dict[int, int]:
+        """Category id -> contiguous label."""
+        return {cid: i + 1 for i, cid in enumerate(self.ids)}
+
+    def public(self) -> list[dict]:
+        """``[{"id": category id, "name": ...}]`` in label order (what the service lists)."""
+        return [{"id": cid, "name": name} for cid, name in zip(self.ids, self.names)]
+
+    def same_categories(self, other: ClassList) -> bool:
+        """The same id -> name pairs, in any order."""
+        return dict(zip(self.ids, self.names)) == dict(zip(other.ids, other.names))
+
+    @cached_property
+    def _ids_by_label(self) -> np.ndarray:
+        return np.array((0, *self.ids), dtype=np.int64)
+
+    def category_ids(self, labels: np.ndarray) -> np.ndarray:
+        """Contiguous labels (1..N) -> category ids, vectorised."""
+        return self._ids_by_label[np.asarray(labels, dtype=np.int64)]
+
+    def name(self, label: int) -> str:
+        return self.names[label - 1]
+
+    @cached_property
+    def _by_name(self) -> dict[str, int]:
+        return {n: i + 1 for i, n in enumerate(self.names)}
+
+    @cached_property
+    def _by_folded_name(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for i, n in enumerate(self.names):
+            key = fold_name(n)
+            out[key] = None if key in out else i + 1  # None: ambiguous without the exact case
+        return out
+
+    def label_of_name(self, name: str) -> int | None:
+        """The label named ``name``: exact, else case-insensitive when that is unambiguous."""
+        exact = self._by_name.get(name)
+        return exact if exact is not None else self._by_folded_name.get(fold_name(name))
+
+    def resolve_filter(self, items: list[str]) -> set[int]:
+        """Names or category ids (as strings) -> contiguous labels. ValueError on unknowns.
+
+        An item made of digits is a category id when this list has that id, else a name.
+        """
+        by_id = self.label_map()
+        out: set[int] = set()
+        for raw in items:
+            item = raw.strip()
+            if not item:
+                continue
+            if item.isdigit() and int(item) in by_id:
+                out.add(by_id[int(item)])
+                continue
+            label = self.label_of_name(item)
+            if label is None:
+                kind = "category id" if item.isdigit() else "class name"
+                raise ValueError(
+                    f"unknown {kind} {item!r} (this model's classes: {self.summary()})"
+                )
+            out.add(label)
+        return out
+
+    def summary(self, limit: int = 12) -> str:
+        shown = ", ".join(f"{n} ({i})" for i, n in zip(self.ids[:limit], self.names[:limit]))
+        return shown + (f", ... ({len(self)} in all)" if len(self) > limit else "")
+
+
+COCO = ClassList(COCO_IDS, COCO_NAMES)

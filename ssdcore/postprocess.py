@@ -23,7 +23,7 @@ class Detections:
     """Detections of one image, sorted by descending score.
 
     boxes: (n, 4) float32 x1, y1, x2, y2 (normalised unless scaled); scores: (n,) float32;
-    classes: (n,) int32 contiguous labels 1..80.
+    classes: (n,) int32 contiguous labels 1..N.
     """
 
     boxes: np.ndarray
@@ -208,7 +208,7 @@ def postprocess(
 def postprocess_dense(
     boxes: np.ndarray, probs: np.ndarray, params: Postprocess = REFERENCE_POSTPROCESS
 ) -> Detections:
-    """The reference evaluation decode for one image: boxes (A, 4) ltrb, probs (A, 81) softmaxed."""
+    """The reference evaluation decode for one image: boxes (A, 4) ltrb, probs (A, C) softmaxed."""
     cand = dense_candidates(boxes, probs, params.score_threshold)
     return postprocess(*cand, params=params)
 

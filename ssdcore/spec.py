@@ -7,7 +7,7 @@ tensors in the exported model. numpy-only so the gateway can import it without t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class SSD300Spec:
     aspect_ratios: tuple[tuple[int, ...], ...] = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
     scale_xy: float = 0.1
     scale_wh: float = 0.2
-    num_classes: int = 81  # index 0 is background, 1..80 the COCO classes
+    num_classes: int = (
+        81  # outputs per anchor: 0 is background, 1..N a dataset's classes (COCO: 80)
+    )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, RGB, on [0, 1] pixels
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     match_iou: float = 0.5  # an anchor is positive when its IoU with a ground-truth box is > this
@@ -59,9 +61,9 @@ class TensorNames:
     images: str = "images"  # UINT8 [N, 300, 300, 3] RGB
     boxes: str = "boxes"  # FP32 [N, K, 4] normalised x1, y1, x2, y2
     scores: str = "scores"  # FP32 [N, K]
-    classes: str = "classes"  # INT32 [N, K], contiguous 1..80
+    classes: str = "classes"  # INT32 [N, K], contiguous labels 1..N
     raw_locs: str = "locs"  # FP32 [N, 4, 8732] (raw export only)
-    raw_logits: str = "logits"  # FP32 [N, 81, 8732] (raw export only)
+    raw_logits: str = "logits"  # FP32 [N, N_classes + 1, 8732] (raw export only)
 
 
 @dataclass(frozen=True)
@@ -72,5 +74,16 @@ class Contract:
 
 
 SSD300 = SSD300Spec()
+
+
+def spec_for(num_classes: int) -> SSD300Spec:
+    """The SSD300 spec with ``num_classes`` outputs per anchor (classes + background)."""
+    if num_classes < 2:
+        raise ValueError(
+            f"a detector needs at least one class besides the background, got {num_classes}"
+        )
+    return SSD300 if num_classes == SSD300.num_classes else replace(SSD300, num_classes=num_classes)
+
+
 REFERENCE_POSTPROCESS = Postprocess()
 TENSOR_NAMES = TensorNames()

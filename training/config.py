@@ -36,7 +36,14 @@ class TrainConfig:
     benchmark_iterations: int = 20
     benchmark_warmup: int = 20
     backbone: str = "resnet50"
-    backbone_path: str | None = None
+    # ImageNet start of the backbone (torchvision's weights API and cache; downloaded once)
+    backbone_weights: Literal["IMAGENET1K_V2", "IMAGENET1K_V1", "none"] = "IMAGENET1K_V2"
+    backbone_path: str | None = None  # a local torchvision ResNet state dict; wins over the above
+    pretrained: str | None = (
+        None  # a detection checkpoint (ours, NVIDIA's, or 'nvidia') to start from
+    )
+    freeze_backbone: bool = False  # = --trainable-backbone-layers 0
+    trainable_backbone_layers: int | None = None  # 0..4 from layer3 back to conv1; default: all
     num_workers: int = 8
     amp: bool = True  # fp16 autocast + GradScaler on CUDA; ignored on CPU
     allow_tf32: bool = True
@@ -49,6 +56,12 @@ class TrainConfig:
     max_train_images: int | None = None  # only the first N annotated images by id (both backends)
     max_nan_steps: int = 10  # consecutive non-finite losses before all ranks stop
     tensorboard: str | None = None
+
+    def trainable_layers(self) -> int:
+        """Backbone stages that train (``training.model.freeze_backbone``): 4 is all of them."""
+        if self.freeze_backbone:
+            return 0
+        return 4 if self.trainable_backbone_layers is None else self.trainable_backbone_layers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +89,8 @@ _CHOICES = {
     "data_layout": ["channels_first", "channels_last"],
     "device": ["auto", "cuda", "cpu"],
     "data_backend": ["dali", "torch"],
+    "backbone_weights": ["IMAGENET1K_V2", "IMAGENET1K_V1", "none"],
+    "trainable_backbone_layers": [0, 1, 2, 3, 4],
 }
 
 
@@ -98,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = _CHOICES[f.name]
         if isinstance(default, list):
             kwargs.update(nargs="*", type=int)
-        elif f.name in ("seed", "max_train_images") or isinstance(default, int):
+        elif f.name in ("seed", "max_train_images", "trainable_backbone_layers") or isinstance(
+            default, int
+        ):
             kwargs["type"] = int
         elif isinstance(default, float):
             kwargs["type"] = float
@@ -112,4 +129,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
     cfg.data = str(Path(cfg.data))
+    if cfg.freeze_backbone and cfg.trainable_backbone_layers not in (None, 0):
+        build_parser().error("--freeze-backbone means --trainable-backbone-layers 0")
     return cfg

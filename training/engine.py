@@ -13,16 +13,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ssdcore.labels import CONTIGUOUS_TO_COCO
+from ssdcore.labels import ClassList
 from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS
 from training.coco_eval import coco_evaluate
 from training.data import ignore_sigterm
 from training.data.coco import CocoEvalDataset, eval_collate
 from training.distributed import DistInfo, all_gather_objects, any_rank
-from training.served import ServedSSD
-
-EVAL_TOPK = 8732 * 80  # evaluation keeps every candidate: exactly the reference decode
+from training.served import ServedSSD, candidates_above
 
 
 @dataclass
@@ -36,10 +34,11 @@ class StepStats:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on BatchNorm parameters and biases (1-d tensors)."""
+    """No weight decay on BatchNorm parameters and biases (1-d tensors); frozen ones left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
@@ -126,26 +125,30 @@ def make_eval_loader(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, amp: bool) -> list[dict]:
-    """COCO-format detections with the serving postprocess (reference parameters)."""
-    served = ServedSSD(model, topk=EVAL_TOPK).to(device).eval()
+def predict(
+    model: nn.Module, loader: Iterable, classes: ClassList, device: torch.device, amp: bool
+) -> list[dict]:
+    """COCO-format detections in the dataset's category ids: the reference decode (per class
+    score > 0.05, top 200, NMS 0.5, top 200) with the serving postprocess, on every candidate
+    above the threshold (``candidates_above``)."""
+    served = ServedSSD(model).to(device).eval()
+    pp = REFERENCE_POSTPROCESS
     results: list[dict] = []
     for images, ids, sizes in loader:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            boxes, scores, classes = served(images.to(device))
-        boxes, scores, classes = (
-            boxes.float().cpu().numpy(),
-            scores.float().cpu().numpy(),
-            classes.cpu().numpy(),
-        )
-        for b, s, c, image_id, (h, w) in zip(boxes, scores, classes, ids, sizes):
-            det = postprocess(b, s, c, REFERENCE_POSTPROCESS)
+            boxes, probs = served.decode(images.to(device))
+        boxes, probs = boxes.float(), probs.float()
+        for b, p, image_id, (h, w) in zip(boxes, probs, ids, sizes):
+            cand = (t.cpu().numpy() for t in candidates_above(b, p, pp.score_threshold))
+            det = postprocess(*cand, pp)
             xyxy = det.boxes.astype(np.float64) * np.array([w, h, w, h])
-            for (x1, y1, x2, y2), score, label in zip(xyxy, det.scores, det.classes):
+            for (x1, y1, x2, y2), score, cid in zip(
+                xyxy, det.scores, classes.category_ids(det.classes)
+            ):
                 results.append(
                     {
                         "image_id": int(image_id),
-                        "category_id": int(CONTIGUOUS_TO_COCO[label]),
+                        "category_id": int(cid),
                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                         "score": round(float(score), 5),
                     }
@@ -156,6 +159,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, amp: bool)
 def evaluate(
     model: nn.Module,
     data: Path,
+    classes: ClassList,
     batch_size: int,
     info: DistInfo,
     amp: bool,
@@ -167,7 +171,7 @@ def evaluate(
     model.eval()
     dataset, loader = make_eval_loader(data, batch_size, info, workers, max_images)
     t0 = time.perf_counter()
-    mine = predict(model, loader, info.device, amp)
+    mine = predict(model, loader, classes, info.device, amp)
     gathered = all_gather_objects(mine, info)
     model.train(was_training)
     if not info.is_main:

@@ -8,7 +8,6 @@ The network returns raw tensors; decoding and NMS live in ``ssdcore.postprocess`
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ssdcore.spec import SSD300 as SSD300_SPEC
-from ssdcore.spec import SSD300Spec
+from ssdcore.spec import SSD300Spec, spec_for
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -34,8 +33,8 @@ EXTRA_MID_CHANNELS = (256, 256, 128, 128, 128)
 class ResNetBackbone(nn.Module):
     """torchvision ResNet up to conv4_x (layer3), with conv4_x's stride set to 1.
 
-    Output: (N, C, 38, 38) for a 300x300 input (stride 8). Nothing is downloaded: ImageNet weights
-    come from a local torchvision state-dict file (``weights_path``) or not at all.
+    Output: (N, C, 38, 38) for a 300x300 input (stride 8). Nothing is downloaded here: ImageNet
+    weights come from a local torchvision state-dict file (``weights_path``) or not at all.
     """
 
     def __init__(self, name: str = "resnet50", weights_path: str | Path | None = None) -> None:
@@ -94,7 +93,14 @@ class SSD300(nn.Module):
             nn.Conv2d(c, n * spec.num_classes, kernel_size=3, padding=1)
             for c, n in zip(channels, nd)
         )
+        self.frozen_modules: list[nn.Module] = []  # see freeze_backbone (not a submodule list)
         self._init_weights()
+
+    def train(self, mode: bool = True) -> SSD300:
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()  # frozen BatchNorm keeps its statistics
+        return self
 
     def _init_weights(self) -> None:
         # Xavier on every conv weight outside the backbone; biases keep PyTorch's default init.
@@ -120,16 +126,38 @@ class SSD300(nn.Module):
 def build_model(
     backbone: str = "resnet50",
     backbone_path: str | Path | None = None,
-    spec: SSD300Spec = SSD300_SPEC,
-    warn_random: bool = False,
+    num_classes: int = SSD300_SPEC.num_classes,
 ) -> SSD300:
-    """The SSD300 of the recipe. ``backbone_path``: a local torchvision ResNet state dict."""
-    if backbone_path is None and warn_random:
-        warnings.warn(
-            "no --backbone-path: the backbone starts from random weights, not ImageNet",
-            stacklevel=2,
-        )
-    return SSD300(ResNetBackbone(backbone, backbone_path), spec)
+    """The SSD300 of the recipe with ``num_classes`` outputs per anchor (classes + background).
+
+    ``backbone_path``: a local torchvision ResNet state dict (``training.pretrained`` fetches
+    torchvision's ImageNet files); None: a randomly initialised backbone.
+    """
+    return SSD300(ResNetBackbone(backbone, backbone_path), spec_for(num_classes))
+
+
+# the backbone's stages from the head end, as torchvision counts trainable layers (its layer4 is
+# not part of the truncated backbone): feature_extractor indices 6 = layer3 ... (0, 1) = conv1, bn1
+BACKBONE_STAGES = (("layer3", (6,)), ("layer2", (5,)), ("layer1", (4,)), ("conv1", (0, 1)))
+
+
+def freeze_backbone(model: SSD300, trainable_layers: int) -> list[str]:
+    """Keep only the last ``trainable_layers`` backbone stages trainable (0: none, 4: all).
+
+    Frozen stages stop getting gradients and their BatchNorm layers stay in eval mode (their
+    running statistics are kept, as torchvision's FrozenBatchNorm2d does). Returns their names.
+    """
+    if not 0 <= trainable_layers <= len(BACKBONE_STAGES):
+        raise ValueError(f"trainable backbone layers must be in 0..{len(BACKBONE_STAGES)}")
+    frozen = []
+    layers = model.feature_extractor.feature_extractor
+    for name, indices in BACKBONE_STAGES[trainable_layers:]:
+        for i in indices:
+            layers[i].requires_grad_(False)
+            model.frozen_modules.append(layers[i])
+        frozen.append(name)
+    model.train(model.training)
+    return frozen
 
 
 def smooth_noise_images(n: int, size: int = 300, seed: int = 0) -> torch.Tensor:

@@ -45,19 +45,39 @@ class ServedSSD(nn.Module):
         x = images.permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor):
+    def decode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> boxes (N, A, 4) normalised xyxy and class probabilities (N, C, A)."""
         locs, logits = self.model(self.preprocess(images))
-        if self.raw:
-            return locs, logits
         locs = locs.permute(0, 2, 1)  # (N, A, 4)
         a_xy, a_wh = self.anchors[..., :2], self.anchors[..., 2:]
         xy = self.scale_xy * locs[..., :2] * a_wh + a_xy
         wh = torch.exp(self.scale_wh * locs[..., 2:]) * a_wh
         boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=-1)  # (N, A, 4)
-        probs = torch.softmax(logits, dim=1)[:, 1:, :]  # (N, 80, A), background dropped
-        flat = probs.permute(0, 2, 1).reshape(probs.shape[0], -1)  # (N, A*80), anchor-major
+        return boxes, torch.softmax(logits, dim=1)
+
+    def forward(self, images: torch.Tensor):
+        if self.raw:
+            return self.model(self.preprocess(images))
+        boxes, probs = self.decode(images)
+        probs = probs[:, 1:, :]  # (N, C-1, A), background dropped
+        flat = probs.permute(0, 2, 1).reshape(probs.shape[0], -1)  # (N, A*(C-1)), anchor-major
         scores, index = torch.topk(flat, self.topk, dim=1)
         anchor = torch.div(index, self.num_fg, rounding_mode="floor")
         classes = (index - anchor * self.num_fg + 1).to(torch.int32)
         picked = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
         return picked, scores, classes
+
+
+def candidates_above(
+    boxes: torch.Tensor, probs: torch.Tensor, score_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (anchor, class) pair of one image scoring above the threshold, anchor-major.
+
+    boxes (A, 4), probs (C, A) with the background at 0 -> boxes (n, 4), scores (n,), classes
+    (n,) 1..C-1. The reference decode looks at exactly these pairs (per class, scores above the
+    threshold), so the postprocess on them gives its detections; a trained model has a few
+    hundred of them, where a top-K over all A x (C-1) pairs sorts 700,000 values.
+    """
+    fg = probs[1:].t()  # (A, C-1)
+    anchor, cls = torch.nonzero(fg > score_threshold, as_tuple=True)
+    return boxes[anchor], fg[anchor, cls], (cls + 1).to(torch.int32)

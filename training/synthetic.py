@@ -1,10 +1,13 @@
 """A synthetic COCO-format dataset: coloured shapes with exact boxes, as JPEGs + instances JSON.
 
     python -m training.synthetic DIR [--train 64] [--val 16] [--classes 4] [--seed 0]
+    python -m training.synthetic DIR --category 7 "Red ellipse" --category 12 "Blue box" ...
 
-writes the COCO 2017 layout (``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``)
-with all 80 COCO categories declared (so the label map is the standard one) and the first
-``--classes`` of a fixed list used: each class is one shape in one colour, so the task is
+writes the COCO 2017 layout (``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``).
+By default all 80 COCO categories are declared (so the label map is the standard one) and the
+first ``--classes`` of a fixed list are drawn; with ``--category ID NAME`` (repeated, at most
+six) the dataset declares exactly those categories, in that order, and draws one shape per
+category: a dataset with its own classes. Each class is one shape in one colour, so the task is
 learnable. Images have varied sizes and a smooth random background; boxes are the exact
 extents of the drawn shapes.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ssdcore.labels import COCO_IDS, COCO_NAMES
+from ssdcore.labels import COCO
 
 # (COCO id, shape, colour) per class, in order of use
 CLASSES = (
@@ -34,7 +37,7 @@ SIZES = ((640, 480), (480, 640), (512, 512), (800, 600), (400, 300))
 
 
 def categories() -> list[dict]:
-    return [{"id": i, "name": n, "supercategory": "object"} for i, n in zip(COCO_IDS, COCO_NAMES)]
+    return [{"id": i, "name": n, "supercategory": "object"} for i, n in zip(COCO.ids, COCO.names)]
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -45,14 +48,23 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
 
 
 def draw_image(
-    rng: np.random.Generator, width: int, height: int, num_classes: int, max_objects: int
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    num_classes: int,
+    max_objects: int,
+    ids: tuple[int, ...] | None = None,
 ) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
-    """One image and its objects as (COCO id, [x, y, w, h])."""
+    """One image and its objects as (category id, [x, y, w, h]); ``ids``: the category id of
+    each shape of ``CLASSES`` (default: their COCO ids)."""
     img = _background(rng, width, height)
     draw = ImageDraw.Draw(img)
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        coco_id, shape, colour = CLASSES[int(rng.integers(0, num_classes))]
+        k = int(rng.integers(0, num_classes))
+        coco_id, shape, colour = CLASSES[k]
+        if ids is not None:
+            coco_id = ids[k]
         w = int(rng.uniform(0.15, 0.5) * width)
         h = int(rng.uniform(0.15, 0.5) * height)
         x0 = int(rng.integers(0, width - w))
@@ -77,6 +89,7 @@ def write_split(
     max_objects: int,
     first_id: int,
     sizes: tuple[tuple[int, int], ...] = SIZES,
+    own: list[tuple[int, str]] | None = None,
 ) -> int:
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,7 +97,8 @@ def write_split(
     ann_id = first_id
     for i in range(count):
         width, height = sizes[int(rng.integers(0, len(sizes)))]
-        img, objects = draw_image(rng, width, height, num_classes, max_objects)
+        ids = tuple(cid for cid, _ in own) if own else None
+        img, objects = draw_image(rng, width, height, num_classes, max_objects, ids)
         image_id = first_id + i
         name = f"{image_id:012d}.jpg"
         img.save(folder / name, quality=92)
@@ -107,10 +121,16 @@ def write_split(
         "info": {"description": "synthetic shapes"},
         "images": images,
         "annotations": annotations,
-        "categories": categories(),
+        "categories": (
+            [{"id": cid, "name": n, "supercategory": "object"} for cid, n in own]
+            if own
+            else categories()
+        ),
         "licenses": [],
     }
-    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    (root / "annotations" / f"instances_{split}2017.json").write_text(
+        json.dumps(doc, ensure_ascii=False), encoding="utf-8"
+    )
     return ann_id
 
 
@@ -122,14 +142,20 @@ def generate(
     seed: int = 0,
     max_objects: int = 3,
     size: tuple[int, int] | None = None,
+    categories: list[tuple[int, str]] | None = None,
 ) -> Path:
-    """Write the dataset; ``size`` fixes every image to (width, height) instead of varied sizes."""
+    """Write the dataset; ``size`` fixes every image to (width, height) instead of varied sizes;
+    ``categories``: the dataset's own (id, name) list, one drawn shape each (``num_classes`` is
+    then its length)."""
+    if categories:
+        num_classes = len(categories)
     if not 1 <= num_classes <= len(CLASSES):
-        raise ValueError(f"--classes must be in 1..{len(CLASSES)}")
+        raise ValueError(f"the number of classes must be in 1..{len(CLASSES)}")
     rng = np.random.default_rng(seed)
     sizes = (size,) if size else SIZES
-    next_id = write_split(root, "train", train, rng, num_classes, max_objects, 1, sizes)
-    write_split(root, "val", val, rng, num_classes, max_objects, next_id + 100_000, sizes)
+    own = list(categories) if categories else None
+    next_id = write_split(root, "train", train, rng, num_classes, max_objects, 1, sizes, own)
+    write_split(root, "val", val, rng, num_classes, max_objects, next_id + 100_000, sizes, own)
     return root
 
 
@@ -146,9 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--size", help="WIDTHxHEIGHT for every image (default: varied sizes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--category",
+        nargs=2,
+        action="append",
+        metavar=("ID", "NAME"),
+        help="a category of the dataset's own (repeat; replaces COCO's and --classes)",
+    )
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
-    generate(args.root, args.train, args.val, args.classes, args.seed, args.max_objects, size)
+    own = [(int(i), n) for i, n in args.category] if args.category else None
+    generate(args.root, args.train, args.val, args.classes, args.seed, args.max_objects, size, own)
     print(f"wrote {args.train} training and {args.val} validation images to {args.root}")
     return 0
 

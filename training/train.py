@@ -13,6 +13,7 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `torchrun training/train.py` runs this file as a script
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # `torchrun training/train.py` runs this file as 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ssdcore.labels import LABEL_NAMES
+from ssdcore.labels import ClassList
 from training import distributed as D
 from training.checkpoint import (
     FORMAT,
@@ -37,7 +38,8 @@ from training.checkpoint import (
     set_rng_state,
 )
 from training.config import TrainConfig, parse_config
-from training.data.coco import DataError, check_data_folder
+from training.data.coco import DataError, check_data_folder, dataset_classes
+from training.downloads import DownloadError
 from training.engine import (
     NonFiniteLoss,
     StepStats,
@@ -50,7 +52,15 @@ from training.engine import (
 from training.faults import fault_payload, with_faults
 from training.loss import MultiboxLoss
 from training.metrics_log import MetricsLog, progress
-from training.model import build_model
+from training.model import build_model, freeze_backbone
+from training.pretrained import (
+    NVIDIA,
+    classes_of_checkpoint,
+    fetch_backbone,
+    fetch_nvidia,
+    load_pretrained,
+    resolve_checkpoint_arg,
+)
 
 log = logging.getLogger("train")
 
@@ -62,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if info.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {info.rank}] %(message)s",
     )
-    validate(cfg, info)  # clear errors before any work
+    classes = validate(cfg, info)  # clear errors before any work; the dataset's classes
     save_lock = claim_save_folder(cfg, info)  # noqa: F841 (held while the job runs)
+    start = fetch_start_weights(cfg, info)  # downloads once per machine, before any work
     seed = cfg.seed if cfg.seed is not None else 0
     D.seed_everything(seed + info.rank)
     amp = cfg.amp and info.device.type == "cuda"
     configure_backends(cfg, info)
 
-    model = build_model(cfg.backbone, cfg.backbone_path, warn_random=info.is_main).to(info.device)
+    model = build_model(cfg.backbone, start.backbone, classes.num_classes)
+    if start.pretrained is not None:
+        transfer_pretrained(model, start.pretrained, classes)
+    freeze(model, cfg)
+    model.to(info.device)
     loss_fn = with_faults(MultiboxLoss().to(info.device), info.rank)
     lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     stats, start_epoch, skip, data_state = StepStats(), 0, 0, None
     if cfg.checkpoint:
         start_epoch, skip, data_state = restore(
-            cfg, info, model, optimizer, scheduler, scaler, stats
+            cfg, info, model, optimizer, scheduler, scaler, stats, classes, start
         )
     ddp = (
         DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if cfg.mode == "evaluation":
-        return run_evaluation(cfg, info, model, amp, epoch=start_epoch - 1)
+        return run_evaluation(cfg, info, model, classes, amp, epoch=start_epoch - 1)
     loader = build_loader(cfg, info, seed, amp, data_state)
     if cfg.mode.startswith("benchmark"):
         return run_benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp)
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size=info.world_size,
         batches_per_epoch=len(loader),
         config=cfg.to_dict(),
+        classes=classes.public(),
     )
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch, skip)
@@ -133,7 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                 bar,
             )
             if D.any_rank(stop.requested, info):
-                save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch, done, loader)
+                save(
+                    cfg,
+                    info,
+                    model,
+                    classes,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    stats,
+                    epoch,
+                    done,
+                    loader,
+                )
                 log.info("SIGTERM: checkpoint written at epoch %d, batch %d; exiting", epoch, done)
                 return 0
         bar.close()
@@ -141,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         set_warmup_lr(optimizer, scheduler, 0, 0)  # hand the scheduled lr back to the scheduler
         scheduler.step()
         if epoch in cfg.evaluation:
-            run_evaluation(cfg, info, model, amp, epoch, metrics)
-        save(cfg, info, model, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
+            run_evaluation(cfg, info, model, classes, amp, epoch, metrics)
+        save(cfg, info, model, classes, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
     checksums = D.all_gather_objects(
         sum(float(p.detach().double().sum()) for p in model.parameters()), info
     )
@@ -159,21 +187,20 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- steps of main
 
 
-def validate(cfg: TrainConfig, info: D.DistInfo) -> None:
+def validate(cfg: TrainConfig, info: D.DistInfo) -> ClassList:
+    """Stop every rank with a clear message when the job cannot run; return the dataset's
+    classes (those of the training annotations; the validation set must declare the same)."""
     data = Path(cfg.data)
     splits = (
         ("val2017",)
         if cfg.mode in ("evaluation", "benchmark-inference")
         else ("train2017", "val2017")
     )
-    error = ""
+    error, classes = "", None
     try:
         check_data_folder(data, splits)
         if info.is_main:  # one full parse is enough (COCO's train JSON is ~450 MB per process)
-            from training.data.coco import load_index
-
-            for split in splits:
-                load_index(data / "annotations" / f"instances_{split}.json", skip_empty=False)
+            classes = dataset_classes(data, splits)
     except DataError as exc:
         error = f"error: {exc}"
     D.exit_together(error, info, "error: rank 0 found the data unusable (its message says why)")
@@ -184,11 +211,80 @@ def validate(cfg: TrainConfig, info: D.DistInfo) -> None:
         )
     if cfg.mode == "evaluation" and not cfg.checkpoint:
         raise SystemExit("error: --mode evaluation needs --checkpoint")
+    if cfg.checkpoint and cfg.pretrained:
+        raise SystemExit(
+            "error: --checkpoint resumes a run, --pretrained starts a new one from other "
+            "weights: pass one of them"
+        )
     if cfg.data_backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
             raise SystemExit("error: DALI is not installed; use --data-backend torch") from None
+    classes = D.from_main(lambda: classes, info)
+    if info.is_main:
+        log.info("%d classes: %s", len(classes), classes.summary())
+    return classes
+
+
+@dataclass(frozen=True)
+class StartWeights:
+    backbone: Path | None = None  # torchvision ResNet state dict
+    pretrained: Path | None = None  # detection checkpoint to transfer
+    checkpoint: Path | None = None  # --checkpoint nvidia, fetched
+
+
+def fetch_start_weights(cfg: TrainConfig, info: D.DistInfo) -> StartWeights:
+    """The files the job starts from, downloaded by local rank 0 of each machine while the
+    others wait (then they find them in the cache). Resuming and evaluating start from the
+    checkpoint, benchmarks from random weights (they do not change the speed)."""
+    if cfg.checkpoint:
+        if cfg.checkpoint != NVIDIA:
+            return StartWeights()
+        fetch_here = lambda: StartWeights(checkpoint=fetch_nvidia(info.local_rank == 0))  # noqa: E731
+    elif cfg.mode != "training":
+        return StartWeights()
+    elif cfg.pretrained:  # no ImageNet download: the checkpoint has a trained backbone
+        fetch_here = lambda: StartWeights(  # noqa: E731
+            pretrained=resolve_checkpoint_arg(cfg.pretrained, info.local_rank == 0)
+        )
+    elif cfg.backbone_path:
+        return StartWeights(backbone=Path(cfg.backbone_path))
+    elif cfg.backbone_weights == "none":
+        log.warning("--backbone-weights none: the backbone starts from random weights")
+        return StartWeights()
+    else:
+        fetch_here = lambda: StartWeights(  # noqa: E731
+            backbone=fetch_backbone(cfg.backbone, cfg.backbone_weights, info.local_rank == 0)
+        )
+    error, start = "", StartWeights()
+    if info.local_rank == 0:
+        try:
+            start = fetch_here()
+        except DownloadError as exc:
+            error = f"error: {exc}"
+    D.exit_together(error, info, "error: a download failed on another rank (its message says why)")
+    if info.local_rank != 0:
+        start = fetch_here()  # from the cache, no network
+    if start.backbone is not None:
+        log.info("backbone: ImageNet weights %s from %s", cfg.backbone_weights, start.backbone)
+    return start
+
+
+def transfer_pretrained(model, path: Path, classes: ClassList) -> None:
+    try:
+        report = load_pretrained(model, path, classes)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: cannot start from {path}: {exc}") from None
+    for line in report.lines():
+        log.info("%s", line)
+
+
+def freeze(model, cfg: TrainConfig) -> None:
+    frozen = freeze_backbone(model, cfg.trainable_layers())
+    if frozen:
+        count = sum(p.numel() for m in model.frozen_modules for p in m.parameters(recurse=True))
+        log.info("frozen backbone stages: %s (%d parameters)", ", ".join(frozen), count)
 
 
 def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
@@ -264,7 +360,7 @@ def install_sigterm_handler() -> StopFlag:
 
 
 def save(
-    cfg, info, model, optimizer, scheduler, scaler, stats, epoch: int, batch: int, loader
+    cfg, info, model, classes, optimizer, scheduler, scaler, stats, epoch: int, batch: int, loader
 ) -> None:
     """Collective: every rank contributes its RNG and data state; rank 0 writes atomically."""
     per_rank = D.all_gather_objects({"rng": rng_state(), "data": loader.state()}, info)
@@ -284,7 +380,8 @@ def save(
             "iteration": stats.iteration,
             "skipped_steps": stats.skipped_steps,
             "config": cfg.to_dict(),
-            "label_map": dict(enumerate(LABEL_NAMES)),
+            "classes": classes.to_json(),
+            "label_map": dict(enumerate(("background", *classes.names))),  # NVIDIA's key
             "rank_state": per_rank,
             **fault_payload(epoch, batch),
         },
@@ -293,15 +390,24 @@ def save(
     record_checkpoint(folder, name, epoch=epoch, batch=batch, iteration=stats.iteration)
 
 
-def restore(cfg, info, model, optimizer, scheduler, scaler, stats) -> tuple[int, int, str | None]:
-    """Load weights (any checkpoint) and, for ours, the full training state."""
+def restore(
+    cfg, info, model, optimizer, scheduler, scaler, stats, classes: ClassList, start: StartWeights
+) -> tuple[int, int, str | None]:
+    """Load weights (any checkpoint of these classes) and, for ours, the full training state."""
     try:
-        path, skipped = resolve_checkpoint(cfg.checkpoint)
+        path, skipped = resolve_checkpoint(start.checkpoint or cfg.checkpoint)
         for warning in skipped:
             log.warning("%s", warning)
         obj = read_checkpoint(path)
-        model.load_state_dict(extract_state_dict(obj))
-    except (CheckpointError, RuntimeError) as exc:
+        state = extract_state_dict(obj)
+        trained_on = classes_of_checkpoint(obj, state) if "conf.0.weight" in state else None
+        if trained_on is not None and not trained_on.same_categories(classes):
+            raise CheckpointError(
+                f"it was trained on the classes {trained_on.summary()}; the data declares "
+                f"{classes.summary()} (use --pretrained to start from it on other classes)"
+            )
+        model.load_state_dict(state)
+    except (CheckpointError, DownloadError, RuntimeError) as exc:
         raise SystemExit(f"error: cannot use checkpoint {cfg.checkpoint}: {exc}") from None
     if obj.get("format") != FORMAT or cfg.mode == "evaluation":
         return int(obj.get("epoch", 0)) if isinstance(obj.get("epoch"), int) else 0, 0, None
@@ -316,9 +422,15 @@ def restore(cfg, info, model, optimizer, scheduler, scaler, stats) -> tuple[int,
     return obj["epoch"], obj["batch"], mine["data"]
 
 
-def run_evaluation(cfg, info, model, amp, epoch: int, metrics=None) -> int:
+def run_evaluation(cfg, info, model, classes: ClassList, amp, epoch: int, metrics=None) -> int:
     stats, summary = evaluate(
-        model, Path(cfg.data), cfg.eval_batch_size, info, amp, workers=min(cfg.num_workers, 4)
+        model,
+        Path(cfg.data),
+        classes,
+        cfg.eval_batch_size,
+        info,
+        amp,
+        workers=min(cfg.num_workers, 4),
     )
     if info.is_main:
         print(summary, end="", flush=True)

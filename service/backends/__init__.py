@@ -7,6 +7,7 @@ module that imports tritonclient. Both check the model against the contract at s
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,9 @@ from typing import Protocol
 import numpy as np
 
 from service.errors import ApiError
+from ssdcore.labels import COCO, ClassList
+
+log = logging.getLogger("service")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class ModelInfo:
     topk: int
     random_weights: bool | None  # None: unknown (no metadata.json next to the model)
     metadata: dict = field(default_factory=dict)
+    classes: ClassList = COCO  # contiguous label -> the dataset's category id and name
 
 
 class Backend(Protocol):
@@ -91,3 +96,53 @@ def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
     if list(out["boxes"]["shape"][1:]) != [k, 4] or int(out["classes"]["shape"][1]) != k:
         raise RuntimeError("model outputs boxes [N, K, 4], scores [N, K], classes [N, K] disagree")
     return k
+
+
+def load_classes(
+    repo: Path | None, model_name: str, num_classes: int | None, embedded: str | None = None
+) -> ClassList:
+    """The served model's classes: ``<repo>/<model>/classes.json`` (written by the export), else
+    the list embedded in the model file (``embedded``, the ONNX metadata), else COCO for a model
+    of 80 classes (or of an unknown count: exports before class lists were all COCO), with a
+    warning. Anything else refuses to start: never a silent fallback to COCO's names.
+
+    ``num_classes`` (classes + background) is what the model itself declares, when it does; the
+    list must agree with it.
+    """
+    path = repo / model_name / "classes.json" if repo is not None else None
+    source, doc = None, None
+    if path is not None and path.is_file():
+        source = str(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot read the class list {path}: {exc}") from None
+    elif embedded:
+        source = f"the metadata of model {model_name!r}"
+        try:
+            doc = json.loads(embedded)
+        except ValueError as exc:
+            raise RuntimeError(f"unreadable class list in {source}: {exc}") from None
+    if doc is not None:
+        try:
+            classes = ClassList.from_json(doc)
+        except ValueError as exc:
+            raise RuntimeError(f"bad class list in {source}: {exc}") from None
+        if num_classes is not None and classes.num_classes != num_classes:
+            raise RuntimeError(
+                f"{source} lists {len(classes)} classes but model {model_name!r} has "
+                f"{num_classes - 1}: export the model and its class list together"
+            )
+        return classes
+    if num_classes in (None, COCO.num_classes):
+        log.warning(
+            "model %r has no class list (%s): serving it as COCO's 80 classes",
+            model_name,
+            f"no {path}" if path is not None else "no model repository",
+        )
+        return COCO
+    raise RuntimeError(
+        f"model {model_name!r} has {num_classes - 1} classes and no class list "
+        f"({path or 'no model repository'}): re-export it with `python -m training.export`, "
+        "which writes classes.json next to the model"
+    )

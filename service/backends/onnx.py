@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.backends import Candidates, ModelInfo, check_contract, read_metadata
+from service.backends import Candidates, ModelInfo, check_contract, load_classes, read_metadata
 
 _ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32"}
 
@@ -57,7 +57,12 @@ class OnnxBackend:
             _describe(self.session.get_inputs()), _describe(self.session.get_outputs())
         )
         meta = read_metadata(self.repo, self.model_name)
-        self.info = ModelInfo(self.model_name, "1", "onnxruntime", k, meta.get("random_init"), meta)
+        props = self.session.get_modelmeta().custom_metadata_map
+        count = int(props["num_classes"]) if "num_classes" in props else None
+        classes = load_classes(self.repo, self.model_name, count, props.get("classes"))
+        self.info = ModelInfo(
+            self.model_name, "1", "onnxruntime", k, meta.get("random_init"), meta, classes
+        )
 
     def _run(self, images: np.ndarray) -> Candidates:
         boxes, scores, classes = self.session.run(

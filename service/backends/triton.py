@@ -24,6 +24,7 @@ from service.backends import (
     Candidates,
     ModelInfo,
     check_contract,
+    load_classes,
     read_metadata,
 )
 
@@ -74,9 +75,15 @@ class TritonBackend:
         )
         k = check_contract(meta["inputs"], meta["outputs"])
         extra = read_metadata(self.repo, self.model_name) if self.repo else {}
+        config = await self.client.get_model_config(
+            self.model_name, as_json=True, client_timeout=self.timeout_s
+        )
+        params = config.get("config", config).get("parameters", {})
+        count = params.get("num_classes", {}).get("string_value")
+        classes = load_classes(self.repo, self.model_name, int(count) if count else None)
         version = (meta.get("versions") or [""])[-1]
         self.info = ModelInfo(
-            self.model_name, version, "triton", k, extra.get("random_init"), extra
+            self.model_name, version, "triton", k, extra.get("random_init"), extra, classes
         )
 
     async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:

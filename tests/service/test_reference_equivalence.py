@@ -14,7 +14,7 @@ import torch
 
 from service.settings import Settings
 from ssdcore.anchors import default_boxes
-from ssdcore.labels import CONTIGUOUS_TO_COCO
+from ssdcore.labels import COCO
 from ssdcore.postprocess import decode_boxes, softmax
 from tests.reference_decode import reference_decode_single
 from tests.service.conftest import run_service
@@ -70,4 +70,4 @@ def test_png_gives_the_reference_detections(trained_like_repo):
     expected = np.clip(ref_boxes.numpy() * 300, 0, 300)
     np.testing.assert_allclose(got, expected, atol=0.02)
     np.testing.assert_allclose([d["score"] for d in dets], ref_scores.numpy(), atol=2e-5)
-    assert [d["category_id"] for d in dets] == CONTIGUOUS_TO_COCO[ref_labels.numpy()].tolist()
+    assert [d["category_id"] for d in dets] == COCO.category_ids(ref_labels.numpy()).tolist()

@@ -99,6 +99,8 @@ def step_losses(path: Path) -> list[float]:
 SMALL = [
     "--backbone",
     "resnet18",
+    "--backbone-weights",
+    "none",  # no ImageNet download on machines without internet
     "--num-workers",
     "1",
     "--log-interval",
@@ -140,6 +142,8 @@ def overfit_run(overfit_coco, tmp_path_factory):
             str(out),
             "--backbone",
             "resnet18",
+            "--backbone-weights",
+            "none",
             "--num-workers",
             "0",
             "--warmup",

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ssdcore.labels import LABEL_NAMES
+from ssdcore.labels import COCO
 from training.export import MODEL_NAMES, ExportOptions, main, triton_config
 from training.model import build_model, calibrate_random_model
 from training.served import ServedSSD
@@ -98,7 +98,8 @@ def test_repository_layout_and_metadata(model_repo):
     for fmt in ("onnx", "torchscript", "python", "raw"):
         d = model_repo / MODEL_NAMES[fmt]
         assert (d / "config.pbtxt").read_text().startswith(f'name: "{MODEL_NAMES[fmt]}"')
-        assert (d / "labels.txt").read_text().splitlines() == list(LABEL_NAMES)
+        assert (d / "labels.txt").read_text().splitlines() == ["background", *COCO.names]
+        assert json.loads((d / "classes.json").read_text()) == COCO.to_json()
         meta = json.loads((d / "metadata.json").read_text())
         assert meta["random_init"] is True and meta["topk"] == 2000
     assert (model_repo / "ssd300_python" / "1" / "model.py").is_file()
@@ -109,8 +110,10 @@ def test_repository_layout_and_metadata(model_repo):
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "python"])
 def test_checked_in_configs_are_the_generated_ones(fmt):
     """model_repository/ holds the configs `python -m training.export` writes by default."""
-    checked_in = (ROOT / "model_repository" / MODEL_NAMES[fmt] / "config.pbtxt").read_text()
-    assert checked_in == triton_config(fmt, ExportOptions())
+    folder = ROOT / "model_repository" / MODEL_NAMES[fmt]
+    assert (folder / "config.pbtxt").read_text() == triton_config(fmt, ExportOptions())
+    assert json.loads((folder / "classes.json").read_text()) == COCO.to_json()
+    assert (folder / "labels.txt").read_text() == COCO.labels_txt()
 
 
 def test_refuses_without_weights(tmp_path):
@@ -130,7 +133,7 @@ def test_nvidia_checkpoint_exports(tmp_path, test_images):
     }
     ckpt = tmp_path / "nvidia_ssdpyt_amp_200703.pt"
     torch.save(
-        {"model": state, "epoch": 65, "iteration": 1, "label_map": dict(enumerate(LABEL_NAMES))},
+        {"model": state, "epoch": 65, "iteration": 1, "label_map": dict(enumerate(["background", *COCO.names]))},
         ckpt,
     )
     repo = tmp_path / "repo"

@@ -39,7 +39,7 @@ def make_batch(n: int = 4, seed: int = 0):
 
 def small_model():
     torch.manual_seed(0)
-    model = build_model("resnet18", warn_random=False).cuda()
+    model = build_model("resnet18").cuda()
     optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=1e-3, momentum=0.9)
     return model, MultiboxLoss().cuda(), optimizer
 
@@ -131,7 +131,7 @@ def test_torchscript_traced_on_the_cpu_runs_on_the_gpu(model_repo, test_images, 
     # the top-K order of near-equal scores may differ between devices: compare the raw outputs
     # of the same network, traced the same way
     torch.manual_seed(0)
-    model = build_model(warn_random=False)
+    model = build_model()
     calibrate_random_model(model)
     export_torchscript(ServedSSD(model.eval(), raw=True).eval(), tmp_path / "raw.pt")
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ssdcore.anchors import default_boxes
-from ssdcore.labels import CONTIGUOUS_TO_COCO
+from ssdcore.labels import COCO
 from ssdcore.postprocess import decode_boxes, postprocess, softmax
 from tests.reference_decode import reference_decode_single
 from training.coco_eval import coco_evaluate
@@ -28,7 +28,7 @@ def coco_rows(boxes, scores, labels, image_id, w, h):
     return [
         {
             "image_id": image_id,
-            "category_id": int(CONTIGUOUS_TO_COCO[int(c)]),
+            "category_id": int(COCO.category_ids(np.array([c]))[0]),
             "bbox": [
                 float(b[0] * w),
                 float(b[1] * h),

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from ssdcore.labels import label_map_from_categories
+from ssdcore.labels import ClassList
 from ssdcore.spec import SSD300, SSD300Spec
 from training.box_coding import BoxEncoder
 from training.data.augment import (
@@ -42,12 +42,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class CocoIndex:
-    """What we need of an instances JSON: images with their annotations and the label map."""
+    """What we need of an instances JSON: images with their annotations and the classes."""
 
     images: list[dict]
     boxes: dict[int, np.ndarray]  # image id -> (n, 4) xyxy pixels
     labels: dict[int, np.ndarray]  # image id -> (n,) contiguous labels
-    label_map: dict[int, int]  # COCO category id -> contiguous 1..N
+    classes: ClassList  # contiguous label 1..N <-> category id and name, in file order
 
 
 def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
@@ -61,7 +61,11 @@ def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
         k in doc for k in ("images", "annotations", "categories")
     ):
         raise DataError(f"{annotation_file}: needs 'images', 'annotations' and 'categories'")
-    label_map = label_map_from_categories(doc["categories"])
+    try:
+        classes = ClassList.from_categories(doc["categories"])
+    except ValueError as exc:
+        raise DataError(f"{annotation_file}: unusable 'categories': {exc}") from None
+    label_map = classes.label_map()
     boxes: dict[int, list] = {}
     labels: dict[int, list] = {}
     try:
@@ -69,6 +73,11 @@ def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
             x, y, w, h = (float(v) for v in ann["bbox"])
             if w <= 0.1 or h <= 0.1:  # DALI's default size_threshold drops such boxes too
                 continue
+            if ann["category_id"] not in label_map:
+                raise DataError(
+                    f"{annotation_file}: annotation {ann.get('id')} has category_id "
+                    f"{ann['category_id']!r}, which 'categories' does not declare"
+                )
             boxes.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
             labels.setdefault(ann["image_id"], []).append(label_map[ann["category_id"]])
         images = [
@@ -81,6 +90,8 @@ def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
             for im in doc["images"]
         ]
         images.sort(key=lambda im: im["id"])  # the order of DALI's COCO reader
+    except DataError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{annotation_file}: malformed annotation ({exc!r})") from None
     if skip_empty:
@@ -89,8 +100,24 @@ def load_index(annotation_file: Path, skip_empty: bool) -> CocoIndex:
         images,
         {k: np.asarray(v, np.float32) for k, v in boxes.items()},
         {k: np.asarray(v, np.int64) for k, v in labels.items()},
-        label_map,
+        classes,
     )
+
+
+def dataset_classes(data: Path, splits: tuple[str, ...]) -> ClassList:
+    """The classes of a dataset: those of the first split's annotations (training's, when it is
+    one of them), checked (as every annotation) in the others, which must declare the same
+    categories (same ids and names, in any order)."""
+    indices = [load_index(data / "annotations" / f"instances_{s}.json", False) for s in splits]
+    classes = indices[0].classes
+    for split, index in zip(splits[1:], indices[1:]):
+        if not index.classes.same_categories(classes):
+            raise DataError(
+                f"instances_{split}.json declares other categories than "
+                f"instances_{splits[0]}.json: {index.classes.summary()} vs {classes.summary()}; "
+                "the model is trained and evaluated on one class list"
+            )
+    return classes
 
 
 def check_data_folder(data: Path, splits: tuple[str, ...] = ("train2017", "val2017")) -> None:

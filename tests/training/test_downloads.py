@@ -1,0 +1,284 @@
+"""training.downloads against a real HTTP server on 127.0.0.1 (no internet needed)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.server
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.downloads import DownloadError, cache_dir, cached_path, fetch
+
+ALTERNATIVES = ", or pass --backbone-path FILE, or --backbone-weights none"
+
+
+@dataclass
+class Route:
+    body: bytes
+    status: int = 200
+    extra_length: int = 0  # announce this many bytes more than sent, then close the connection
+    pieces: int = 1  # send the body in this many writes ...
+    pause: float = 0.0  # ... sleeping this long before each
+
+
+class Server:
+    """A ThreadingHTTPServer in a background thread serving ``routes``; counts requests per path."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: collections.Counter[str] = collections.Counter()
+        lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    server.requests[self.path] += 1
+                route = server.routes.get(self.path)
+                if route is None or route.status != 200:
+                    self.send_error(404 if route is None else route.status)
+                    return
+                body = route.body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body) + route.extra_length))
+                self.end_headers()
+                step = -(-len(body) // route.pieces) or 1
+                for i in range(0, len(body), step):
+                    time.sleep(route.pause)
+                    self.wfile.write(body[i : i + step])
+                    self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.stopped = False
+
+    def serve(self, path: str, route: Route) -> str:
+        self.routes[path] = route
+        return self.base + path
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket: a later connection is refused."""
+        if not self.stopped:
+            self.stopped = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$TORCH_HOME in tmp_path; torch.hub.set_dir (if someone called it) would win, so undo it."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    assert cache_dir() == home / "hub" / "checkpoints"
+    return home
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def weights() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(10)}, buf)
+    return buf.getvalue()
+
+
+def hashed_name(data: bytes, stem: str = "weights") -> str:
+    return f"/{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+
+
+def cache_files() -> list[str]:
+    """Everything in the cache folder, hidden .part files included."""
+    folder = cache_dir()
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_cached_path_is_last_component_without_query() -> None:
+    url = "https://example.com/a/b/resnet50-0676ba61.pth?download=1#frag"
+    assert cached_path(url) == cache_dir() / "resnet50-0676ba61.pth"
+    with pytest.raises(ValueError):
+        cached_path("https://example.com/")
+
+
+def test_download_then_cached_without_network(
+    server: Server, weights: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = hashed_name(weights)
+    url = server.serve(name, Route(weights))
+    with caplog.at_level(logging.INFO, logger="downloads"):
+        path = fetch(url, what="test weights", progress=False)
+    assert path == cache_dir() / name.lstrip("/")
+    assert path.read_bytes() == weights
+    assert server.requests[name] == 1
+    assert cache_files() == [path.name]
+    messages = [r.getMessage() for r in caplog.records if r.name == "downloads"]
+    assert any(m.startswith(f"downloading test weights from {url} to {path}") for m in messages)
+    assert any(m.startswith("downloaded test weights") for m in messages)
+
+    server.stop()  # a connection attempt would now be refused
+    again = fetch(url, what="test weights", progress=False)
+    assert again == path
+    assert server.requests[name] == 1
+    assert again.read_bytes() == weights
+
+
+def test_verify_sees_temp_file_and_result_loads(server: Server, weights: bytes) -> None:
+    name = hashed_name(weights)
+    url = server.serve(name, Route(weights))
+    seen: list[Path] = []
+
+    def verify(p: Path) -> None:
+        seen.append(p)
+        assert p.parent == cache_dir()
+        assert p.name.startswith("." + name.lstrip("/")) and p.name.endswith(".part")
+        assert not (cache_dir() / name.lstrip("/")).exists()
+        torch.load(p, weights_only=True)
+
+    path = fetch(url, what="test weights", verify=verify, progress=False)
+    assert len(seen) == 1 and not seen[0].exists()
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["w"], torch.arange(10))
+
+
+def test_progress_bar_on_stderr(
+    server: Server, weights: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = hashed_name(weights)
+    url = server.serve(name, Route(weights))
+    fetch(url, what="test weights", progress=True)
+    assert name.lstrip("/") in capsys.readouterr().err
+
+
+def test_truncated_download_leaves_nothing(server: Server, weights: bytes) -> None:
+    name = hashed_name(weights)
+    url = server.serve(name, Route(weights, extra_length=1000))
+    with pytest.raises(DownloadError, match="truncated") as info:
+        fetch(url, what="test weights", alternatives=ALTERNATIVES, progress=False)
+    assert f"got {len(weights)} of {len(weights) + 1000} bytes" in str(info.value)
+    assert str(cached_path(url)) in str(info.value)
+    assert cache_files() == []
+
+
+def test_stalled_body_is_truncated(server: Server, weights: bytes) -> None:
+    name = hashed_name(weights)
+    url = server.serve(name, Route(weights, pieces=2, pause=0.6))  # headers, then silence
+    with pytest.raises(DownloadError, match="truncated: got 0 of"):
+        fetch(url, what="test weights", timeout=0.2, progress=False)
+    assert cache_files() == []
+
+
+def test_corrupted_download_leaves_nothing(server: Server, weights: bytes) -> None:
+    name = hashed_name(weights)  # the name promises the hash of `weights` ...
+    url = server.serve(name, Route(weights[:-1] + bytes([weights[-1] ^ 1])))  # ... bytes differ
+    with pytest.raises(DownloadError, match=r"SHA-256 [0-9a-f]{64} does not start with"):
+        fetch(url, what="test weights", progress=False)
+    assert cache_files() == []
+
+
+def test_verify_failure_leaves_nothing(server: Server) -> None:
+    url = server.serve("/not-torch.pth", Route(b"this is not a torch file" * 10))
+    with pytest.raises(DownloadError, match="not usable") as info:
+        fetch(
+            url,
+            what="test weights",
+            verify=lambda p: torch.load(p, weights_only=True),
+            progress=False,
+        )
+    assert str(cached_path(url)) in str(info.value)
+    assert cache_files() == []
+
+
+def test_interrupt_during_verify_removes_temp_file(server: Server, weights: bytes) -> None:
+    url = server.serve(hashed_name(weights), Route(weights))
+
+    def interrupt(p: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch(url, what="test weights", verify=interrupt, progress=False)
+    assert cache_files() == []
+
+
+def test_http_404(server: Server) -> None:
+    url = server.serve("/gone-12345678.pth", Route(b"", status=404))
+    with pytest.raises(DownloadError, match="HTTP 404") as info:
+        fetch(url, what="test weights", alternatives=ALTERNATIVES, progress=False)
+    assert str(cached_path(url)) in str(info.value)
+    assert cache_files() == []
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"http://127.0.0.1:{closed_port()}/x-00000000.pth", id="refused"),
+        pytest.param("http://nonexistent.invalid/x-00000000.pth", id="unresolvable"),
+    ],
+)
+def test_offline_message_names_path_and_alternatives(url: str) -> None:
+    with pytest.raises(Exception) as info:
+        fetch(
+            url, what="the backbone weights", alternatives=ALTERNATIVES, timeout=5, progress=False
+        )
+    assert type(info.value) is DownloadError
+    message = str(info.value)
+    assert message.startswith(f"cannot download the backbone weights from {url}: ")
+    assert f"Place the file at {cache_dir() / 'x-00000000.pth'} " in message
+    assert message.endswith(ALTERNATIVES)
+    assert "<urlopen error" not in message  # the reason itself, not URLError's repr
+    assert cache_files() == []
+
+
+def test_concurrent_fetches_share_an_intact_file(server: Server, weights: bytes) -> None:
+    big = weights + bytes(range(256)) * 8192  # ~2 MiB: several chunks
+    name = hashed_name(big)
+    url = server.serve(name, Route(big, pieces=4, pause=0.05))
+    barrier = threading.Barrier(2)
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            results.append(fetch(url, what="test weights", progress=False))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert results == [cache_dir() / name.lstrip("/")] * 2
+    assert results[0].read_bytes() == big
+    assert 1 <= server.requests[name] <= 2
+    assert cache_files() == [name.lstrip("/")]
