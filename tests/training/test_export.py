@@ -133,7 +133,12 @@ def test_nvidia_checkpoint_exports(tmp_path, test_images):
     }
     ckpt = tmp_path / "nvidia_ssdpyt_amp_200703.pt"
     torch.save(
-        {"model": state, "epoch": 65, "iteration": 1, "label_map": dict(enumerate(["background", *COCO.names]))},
+        {
+            "model": state,
+            "epoch": 65,
+            "iteration": 1,
+            "label_map": dict(enumerate(["background", *COCO.names])),
+        },
         ckpt,
     )
     repo = tmp_path / "repo"
