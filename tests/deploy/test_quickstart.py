@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from loadtest.processes import NotReady, free_port, wait_ready
+from ssdcore.labels import COCO
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
@@ -33,6 +34,8 @@ def test_make_serve_exports_a_model_and_answers(tmp_path):
         proc = subprocess.Popen(
             [*command, f"REPO={repo}", f"PORT={port}"],
             cwd=ROOT,
+            # no NVIDIA checkpoint cached from elsewhere: this is a fresh machine
+            env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # make and the service in one group, stopped together
@@ -51,12 +54,21 @@ def test_make_serve_exports_a_model_and_answers(tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"]["backend"] == "onnxruntime"
-        assert body["model"]["random_weights"] is True  # no checkpoint given: said plainly
         assert body["images"][0]["width"] == 320 and body["images"][0]["height"] == 240
         assert (repo / "ssd300_onnx" / "1" / "model.onnx").is_file()
+        model = httpx.get(url + "/v1/models", timeout=30).json()["models"][0]
     finally:
         stop(proc)
-    assert f"on http://127.0.0.1:{port}/" in log.read_text()  # the URL is printed for the user
+    text = log.read_text()
+    assert f"on http://127.0.0.1:{port}/" in text  # the URL is printed for the user
+    # without CHECKPOINT, NVIDIA's checkpoint is tried first; offline (as here) the fallback is
+    # a random-init model, and the log, the API and every response say so, and why
+    if body["model"]["random_weights"]:
+        assert "cannot download NVIDIA's SSD300 COCO checkpoint" in model["random_weights_reason"]
+        assert "could not be had" in text and "RANDOM WEIGHTS" in text
+    else:  # a machine that reaches NGC serves the real checkpoint
+        assert model["metadata"]["source"]["checkpoint"].endswith("nvidia_ssdpyt_amp_200703.pt")
+    assert model["classes"] == [{"id": i, "name": n} for i, n in zip(COCO.ids, COCO.names)]
 
 
 def stop(proc: subprocess.Popen) -> None:

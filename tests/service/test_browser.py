@@ -63,3 +63,47 @@ def test_error_is_shown(service, browser, tmp_path):
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "invalid_image" in page.text_content("#error")
     page.close()
+
+
+def test_own_classes_and_the_random_weights_reason_are_shown(browser, tmp_path):
+    """A 3-class model exported as the fallback of a failed download: the page lists the
+    model's names and ids, filters by them, and says why the weights are random."""
+    from service.settings import Settings
+    from ssdcore.labels import ClassList
+    from tests.service.conftest import run_service
+    from training.export import ExportOptions, export, random_weights
+
+    own = ClassList((40, 7, 12), ("Zebra crossing", "Café table", "señal de tráfico"))
+    repo = tmp_path / "repo"
+    reason = "the checkpoint 'nvidia' could not be had: cannot download (offline)"
+    weights = random_weights("resnet18", own, reason)
+    export(repo, ["onnx"], opts=ExportOptions(gpu=False), weights=weights)
+    path = tmp_path / "street.jpg"
+    path.write_bytes(encode(photo(640, 480, seed=2), "JPEG"))
+    with run_service(Settings(model_repository=repo)) as live:
+        page = browser.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_selector("#warning", state="visible")
+        page.wait_for_function("document.getElementById('warningReason').textContent.length > 0")
+        assert reason in page.text_content("#warningReason")
+        listed = page.text_content("#classes")
+        assert "3 classes: Zebra crossing (40), Café table (7), señal de tráfico (12)" in listed
+        options = page.eval_on_selector_all(
+            "#classFilter option", "os => os.map(o => o.textContent)"
+        )
+        assert options == ["all classes", *own.names]
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector("tr.detection", timeout=30_000)
+        page.fill("#threshold", "0.05")
+        page.dispatch_event("#threshold", "input")
+        every = int(page.get_attribute("#canvas", "data-boxes"))
+        page.select_option("#classFilter", "7")
+        only = int(page.get_attribute("#canvas", "data-boxes"))
+        labels = {
+            t.strip()
+            for t in page.eval_on_selector_all(
+                "tr.detection td:first-child", "tds => tds.map(t => t.textContent)"
+            )
+        }
+        assert 0 < only < every and labels == {"Café table"}
+        page.close()
