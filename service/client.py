@@ -48,13 +48,18 @@ def annotate(path: Path, detections: list[dict], out: Path) -> None:
 
 
 def list_classes(url: str, headers: dict, timeout: float) -> int:
-    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
     if r.status_code != 200:
         print(f"HTTP {r.status_code}: {r.text[:200]}", file=sys.stderr)
         return 1
     model = r.json()["models"][0]
-    print(f"{model['name']}: {len(model['classes'])} classes")
-    for c in model["classes"]:
+    classes = model.get("classes", [])
+    print(f"{model['name']}: {len(classes)} classes")
+    for c in classes:
         print(f"{c['id']:>6}  {c['name']}")
     return 0
 

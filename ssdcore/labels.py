@@ -173,16 +173,19 @@ class ClassList:
             item = raw.strip()
             if not item:
                 continue
-            if item.isdigit() and int(item) in by_id:
+            numeric = item.isascii() and item.isdigit()
+            if numeric and int(item) in by_id:
                 out.add(by_id[int(item)])
                 continue
             label = self.label_of_name(item)
             if label is None:
-                kind = "category id" if item.isdigit() else "class name"
+                kind = "category id" if numeric else "class name"
                 raise ValueError(
                     f"unknown {kind} {item!r} (this model's classes: {self.summary()})"
                 )
             out.add(label)
+        if not out:
+            raise ValueError("no class name or id given")
         return out
 
     def summary(self, limit: int = 12) -> str:

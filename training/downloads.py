@@ -102,11 +102,14 @@ def fetch(
     def fail(reason: str) -> DownloadError:
         return DownloadError(_message(what, url, reason, path, alternatives))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise fail(f"cannot write into the cache folder {path.parent}: {exc}") from None
     log.info("downloading %s from %s to %s", what, url, path)
     start = time.monotonic()
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -159,6 +162,9 @@ def fetch(
                 reason = str(exc) or type(exc).__name__
                 raise fail(f"the downloaded file is not usable: {reason}") from None
         os.replace(tmp, path)
+    except OSError as exc:  # the local disk (full, read-only); network errors are handled above
+        tmp.unlink(missing_ok=True)
+        raise fail(f"cannot write {path}: {exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

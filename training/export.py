@@ -41,10 +41,9 @@ from training.downloads import DownloadError
 from training.model import BACKBONES, SSD300, build_model, calibrate_random_model
 from training.pretrained import (
     NVIDIA,
-    classes_of_checkpoint,
     fetch_nvidia,
     num_classes_of,
-    nvidia_checkpoint_url,
+    recorded_classes,
 )
 from training.served import ServedSSD
 
@@ -220,14 +219,14 @@ def load_weights(checkpoint: Path, backbone: str | None, classes: ClassList | No
     state = extract_state_dict(obj)
     if "conf.0.weight" not in state:
         raise CheckpointError(f"{checkpoint} is not an SSD300 checkpoint (no conf.0.weight)")
-    recorded = classes_of_checkpoint(obj, state)
+    recorded = recorded_classes(obj)
     count = num_classes_of(state)
     if classes is not None and recorded is not None and classes != recorded:
         raise CheckpointError(
             f"{checkpoint} records its classes ({recorded.summary()}); --classes says "
             f"otherwise ({classes.summary()})"
         )
-    classes = classes or recorded
+    classes = classes or recorded or (COCO if count == COCO.num_classes else None)
     if classes is None:
         raise CheckpointError(
             f"{checkpoint} has {count - 1} classes and records no class list: pass "
@@ -354,14 +353,15 @@ def has_model(repo: Path, fmt: str) -> bool:
     return (repo / name / "1" / files.get(fmt, "model.pt")).is_file()
 
 
-def is_random_fallback(repo: Path, formats: list[str]) -> bool:
-    """The existing models were exported random because a checkpoint could not be had."""
+def all_random(repo: Path, formats: list[str]) -> bool:
+    """Every existing model of ``formats`` has random weights (a fallback, or older random-init
+    exports): ``make serve`` may replace them with NVIDIA's checkpoint."""
     for fmt in formats:
         try:
             meta = json.loads((repo / MODEL_NAMES[fmt] / "metadata.json").read_text())
         except (OSError, ValueError):
             return False
-        if not meta.get("random_init_reason"):
+        if not (isinstance(meta, dict) and meta.get("random_init") is True):
             return False
     return True
 
@@ -432,35 +432,34 @@ NVIDIA_CHECKPOINT_HELP = "SSD_NVIDIA_CHECKPOINT_URL, default NGC's"
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    if args.ensure and all(has_model(args.output, f) for f in args.formats):
-        from training.downloads import cached_path
-
-        upgrade = (
-            args.checkpoint == NVIDIA
-            and is_random_fallback(args.output, args.formats)
-            and cached_path(nvidia_checkpoint_url()).is_file()
-        )
-        if not upgrade:
-            log.info("models already present in %s; nothing to do", args.output)
-            return 0
-        log.info("NVIDIA's checkpoint is in the cache now: replacing the random fallback")
     classes = read_class_file(args.classes) if args.classes else None
     opts = ExportOptions(
         topk=args.topk, max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, gpu=not args.cpu
     )
-    if args.checkpoint is None and not args.random_init:
-        raise SystemExit(
-            "refusing to export without weights: pass --checkpoint CKPT, or --random-init to "
-            "export an untrained model (marked as such)"
-        )
-    try:
-        if args.checkpoint is None:
-            weights = random_weights(args.backbone, classes, None)
-        else:
-            weights = checkpoint_or_fallback(args, classes)
-    except (CheckpointError, DownloadError) as exc:
-        log.error("%s", exc)
-        return 2
+    if args.ensure and all(has_model(args.output, f) for f in args.formats):
+        if not (args.checkpoint == NVIDIA and all_random(args.output, args.formats)):
+            log.info("models already present in %s; nothing to do", args.output)
+            return 0
+        try:  # random models are replaced once NVIDIA's checkpoint can be had, else kept
+            weights = load_weights(fetch_nvidia(), args.backbone, classes)
+        except (CheckpointError, DownloadError) as exc:
+            log.warning("keeping the random-init models in %s: %s", args.output, exc)
+            return 0
+        log.info("replacing the random-init models in %s with NVIDIA's checkpoint", args.output)
+    else:
+        if args.checkpoint is None and not args.random_init:
+            raise SystemExit(
+                "refusing to export without weights: pass --checkpoint CKPT, or --random-init "
+                "to export an untrained model (marked as such)"
+            )
+        try:
+            if args.checkpoint is None:
+                weights = random_weights(args.backbone, classes, None)
+            else:
+                weights = checkpoint_or_fallback(args, classes)
+        except (CheckpointError, DownloadError) as exc:
+            log.error("%s", exc)
+            return 2
     if weights.source["checkpoint"] is None:
         log.warning("EXPORTING A RANDOMLY INITIALISED MODEL: its detections are meaningless")
     export(args.output, args.formats, opts=opts, raw=args.raw, weights=weights)

@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 from ssdcore.labels import COCO, ClassList, fold_name
-from training.checkpoint import extract_state_dict, read_checkpoint
+from training.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 from training.downloads import fetch
 from training.model import SSD300
 
@@ -56,10 +56,15 @@ def backbone_weights_url(arch: str, choice: str) -> str:
     return enum[choice].url
 
 
-def _check_backbone_file(path: Path) -> None:
+def check_backbone_file(path: Path, arch: str) -> None:
+    """The file is a state dict that torchvision's ``arch`` loads strictly."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise ValueError("not a torchvision ResNet state dict (no conv1.weight)")
+    if not isinstance(state, dict):
+        raise ValueError("not a state dict")
+    try:
+        getattr(torchvision.models, arch)(weights=None).load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"not the weights of a torchvision {arch}: {str(exc)[:300]}") from None
 
 
 def fetch_backbone(arch: str, choice: str, progress: bool = True) -> Path:
@@ -67,7 +72,7 @@ def fetch_backbone(arch: str, choice: str, progress: bool = True) -> Path:
     return fetch(
         backbone_weights_url(arch, choice),
         what=f"the ImageNet weights of {arch} ({choice})",
-        verify=_check_backbone_file,
+        verify=lambda path: check_backbone_file(path, arch),
         alternatives=(
             ", or pass --backbone-path FILE (a torchvision ResNet state dict), "
             "or --backbone-weights none (a randomly initialised backbone)"
@@ -114,13 +119,40 @@ def num_classes_of(state: dict[str, torch.Tensor], boxes_per_location: int = 4) 
 
 
 def classes_of_checkpoint(obj: dict[str, Any], state: dict[str, torch.Tensor]) -> ClassList | None:
-    """The class list a checkpoint was trained on: ours records it; NVIDIA's (no list, 81
-    outputs) is COCO; anything else is unknown (None)."""
-    if isinstance(obj.get("classes"), dict):
-        return ClassList.from_json(obj["classes"])
-    if num_classes_of(state) == COCO.num_classes:
+    """The class list a checkpoint was trained on: the one it records; else COCO for 81
+    outputs (NVIDIA's); else unknown (None)."""
+    recorded = recorded_classes(obj)
+    if recorded is not None:
+        return recorded
+    if "conf.0.weight" in state and num_classes_of(state) == COCO.num_classes:
         return COCO
     return None
+
+
+def recorded_classes(obj: dict[str, Any]) -> ClassList | None:
+    """The class list a checkpoint records (ours do; NVIDIA's does not)."""
+    if "classes" not in obj:
+        return None
+    try:
+        return ClassList.from_json(obj["classes"])
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's class list is unusable: {exc}") from None
+
+
+def backbone_of(state: dict[str, torch.Tensor]) -> str | None:
+    """Which ResNet a state dict's backbone is, from its blocks: bottlenecks (conv3) or basic
+    blocks, and the number of blocks of layer3 (feature_extractor index 6)."""
+    prefix = "feature_extractor.feature_extractor.6."
+    blocks = {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
+    bottleneck = any(k.startswith(prefix) and ".conv3." in k for k in state)
+    table = {
+        (False, 2): "resnet18",
+        (False, 6): "resnet34",
+        (True, 6): "resnet50",
+        (True, 23): "resnet101",
+        (True, 36): "resnet152",
+    }
+    return table.get((bottleneck, len(blocks)))
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -189,6 +221,7 @@ def transfer(
     report.total = len(target)
     nd = model.spec.boxes_per_location
     rows = class_row_map(source_classes, target_classes)
+    copied_heads = 0
     for name, tensor in target.items():
         src = state.get(name)
         is_class_head = name.startswith("conf.")
@@ -197,24 +230,40 @@ def transfer(
             report.kept.append(name)
             continue
         report.reinitialised.append(name)
-        if is_class_head and src is not None:
-            level = int(name.split(".")[1])
-            k = nd[level]
-            if src.shape[1:] == tensor.shape[1:]:
-                for _, s, t in rows:
-                    if (s + 1) * k <= src.shape[0]:
-                        tensor[t * k : (t + 1) * k] = src[s * k : (s + 1) * k]
-    if not same_classes:
+        if is_class_head and src is not None and src.shape[1:] == tensor.shape[1:]:
+            k = nd[int(name.split(".")[1])]
+            for _, s_label, t_label in rows:
+                tensor[t_label * k : (t_label + 1) * k] = src[s_label * k : (s_label + 1) * k]
+            copied_heads += 1
+    if not same_classes and copied_heads == 2 * len(nd):  # every head's weight and bias
         report.copied_classes = rows
     report.unused = [n for n, v in state.items() if n not in target or target[n].shape != v.shape]
     return report
 
 
-def load_pretrained(model: SSD300, path: Path, target_classes: ClassList) -> TransferReport:
-    """Transfer a detection checkpoint (ours or NVIDIA's) onto ``model``."""
+def load_pretrained(
+    model: SSD300, path: Path, target_classes: ClassList, backbone: str
+) -> TransferReport:
+    """Transfer a detection checkpoint (ours or NVIDIA's) onto ``model`` (a ``backbone`` SSD300).
+
+    Refused: a file that is not an SSD300 checkpoint (a torchvision backbone file goes to
+    --backbone-path), and one of another backbone (its layers would land on the wrong ones).
+    """
     obj = read_checkpoint(path)
     state = extract_state_dict(obj)
-    source_classes = classes_of_checkpoint(obj, state) if "conf.0.weight" in state else None
+    if "conf.0.weight" not in state or "loc.0.weight" not in state:
+        raise CheckpointError(
+            f"{path} is not an SSD300 checkpoint (no class and box heads); a torchvision "
+            "backbone file goes to --backbone-path"
+        )
+    source_arch = backbone_of(state)
+    if source_arch != backbone:
+        hint = f": pass --backbone {source_arch}" if source_arch else ""
+        raise CheckpointError(
+            f"{path} has a {source_arch or 'unrecognised'} backbone and this run a {backbone} "
+            f"one{hint}"
+        )
+    source_classes = classes_of_checkpoint(obj, state)
     if source_classes is None:
         log.warning("%s records no class list: its class heads are taken as they are", path)
     return transfer(model, state, source_classes, target_classes, source=str(path))

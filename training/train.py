@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(cfg.backbone, start.backbone, classes.num_classes)
     if start.pretrained is not None:
-        transfer_pretrained(model, start.pretrained, classes)
+        transfer_pretrained(model, start.pretrained, classes, cfg.backbone)
     freeze(model, cfg)
     model.to(info.device)
     loss_fn = with_faults(MultiboxLoss().to(info.device), info.rank)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp)
     stats, start_epoch, skip, data_state = StepStats(), 0, 0, None
-    if cfg.checkpoint:
-        start_epoch, skip, data_state = restore(
+    if cfg.checkpoint:  # evaluation uses the checkpoint's label order, which may differ
+        start_epoch, skip, data_state, classes = restore(
             cfg, info, model, optimizer, scheduler, scaler, stats, classes, start
         )
     ddp = (
@@ -264,16 +264,20 @@ def fetch_start_weights(cfg: TrainConfig, info: D.DistInfo) -> StartWeights:
         except DownloadError as exc:
             error = f"error: {exc}"
     D.exit_together(error, info, "error: a download failed on another rank (its message says why)")
-    if info.local_rank != 0:
-        start = fetch_here()  # from the cache, no network
+    if info.local_rank != 0:  # from the cache (the same $TORCH_HOME on one machine), no network
+        try:
+            start = fetch_here()
+        except DownloadError as exc:
+            error = f"error: {exc}"
+    D.exit_together(error, info, "error: another rank could not read the downloaded file")
     if start.backbone is not None:
         log.info("backbone: ImageNet weights %s from %s", cfg.backbone_weights, start.backbone)
     return start
 
 
-def transfer_pretrained(model, path: Path, classes: ClassList) -> None:
+def transfer_pretrained(model, path: Path, classes: ClassList, backbone: str) -> None:
     try:
-        report = load_pretrained(model, path, classes)
+        report = load_pretrained(model, path, classes, backbone)
     except CheckpointError as exc:
         raise SystemExit(f"error: cannot start from {path}: {exc}") from None
     for line in report.lines():
@@ -392,26 +396,43 @@ def save(
 
 def restore(
     cfg, info, model, optimizer, scheduler, scaler, stats, classes: ClassList, start: StartWeights
-) -> tuple[int, int, str | None]:
-    """Load weights (any checkpoint of these classes) and, for ours, the full training state."""
+) -> tuple[int, int, str | None, ClassList]:
+    """Load weights (any checkpoint of these classes) and, for ours, the full training state.
+
+    Returns (epoch, batch, data state, classes): the checkpoint's class list, whose order is
+    that of the model's labels (the data's may list the same categories in another order,
+    which evaluation accepts and training does not)."""
     try:
         path, skipped = resolve_checkpoint(start.checkpoint or cfg.checkpoint)
         for warning in skipped:
             log.warning("%s", warning)
         obj = read_checkpoint(path)
         state = extract_state_dict(obj)
-        trained_on = classes_of_checkpoint(obj, state) if "conf.0.weight" in state else None
-        if trained_on is not None and not trained_on.same_categories(classes):
+        trained_on = classes_of_checkpoint(obj, state) or classes
+        if not trained_on.same_categories(classes):
             raise CheckpointError(
                 f"it was trained on the classes {trained_on.summary()}; the data declares "
                 f"{classes.summary()} (use --pretrained to start from it on other classes)"
+            )
+        if cfg.mode == "training" and trained_on != classes:
+            raise CheckpointError(
+                "the training annotations list its categories in another order than the run "
+                "it resumes (labels are positions in that list): restore the order "
+                f"{trained_on.summary()}"
             )
         model.load_state_dict(state)
     except (CheckpointError, DownloadError, RuntimeError) as exc:
         raise SystemExit(f"error: cannot use checkpoint {cfg.checkpoint}: {exc}") from None
     if obj.get("format") != FORMAT or cfg.mode == "evaluation":
-        return int(obj.get("epoch", 0)) if isinstance(obj.get("epoch"), int) else 0, 0, None
-    optimizer.load_state_dict(obj["optimizer"])
+        epoch = int(obj.get("epoch", 0)) if isinstance(obj.get("epoch"), int) else 0
+        return epoch, 0, None, trained_on
+    try:
+        optimizer.load_state_dict(obj["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise SystemExit(
+            f"error: cannot resume the optimizer of {path}: {exc} (was the run started with "
+            "other --freeze-backbone / --trainable-backbone-layers? pass the same ones)"
+        ) from None
     scheduler.load_state_dict(obj["scheduler"])
     scaler.load_state_dict(obj["scaler"])
     stats.iteration, stats.skipped_steps = obj["iteration"], obj["skipped_steps"]
@@ -419,7 +440,7 @@ def restore(
     mine = ranks[info.rank] if info.rank < len(ranks) else ranks[0]
     set_rng_state(mine["rng"])
     log.info("resumed from %s at epoch %d, batch %d", path, obj["epoch"], obj["batch"])
-    return obj["epoch"], obj["batch"], mine["data"]
+    return obj["epoch"], obj["batch"], mine["data"], trained_on
 
 
 def run_evaluation(cfg, info, model, classes: ClassList, amp, epoch: int, metrics=None) -> int:

@@ -68,9 +68,10 @@ def read_metadata(repo: Path, model_name: str) -> dict:
     """metadata.json written by the export, or {} when the repository is not available here."""
     path = repo / model_name / "metadata.json"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
@@ -98,51 +99,75 @@ def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
     return k
 
 
+def declared_count(value: object, source: str) -> int | None:
+    """A class count a model declares (a string or an int), or None when it declares none."""
+    if value is None or value == "":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 2:
+        raise RuntimeError(f"{source} declares an unusable class count {value!r}")
+    return count
+
+
 def load_classes(
-    repo: Path | None, model_name: str, num_classes: int | None, embedded: str | None = None
+    repo: Path | None,
+    model_name: str,
+    counts: dict[str, int | None],
+    embedded: str | None = None,
 ) -> ClassList:
     """The served model's classes: ``<repo>/<model>/classes.json`` (written by the export), else
     the list embedded in the model file (``embedded``, the ONNX metadata), else COCO for a model
     of 80 classes (or of an unknown count: exports before class lists were all COCO), with a
     warning. Anything else refuses to start: never a silent fallback to COCO's names.
 
-    ``num_classes`` (classes + background) is what the model itself declares, when it does; the
-    list must agree with it.
+    ``counts``: the class counts (classes + background) that sources beside the list declare
+    (the model file, its Triton config, metadata.json written with it), by source; every one
+    must agree with the list, and an embedded list with the repository's. That catches a
+    classes.json restored by version control next to another model's files.
     """
     path = repo / model_name / "classes.json" if repo is not None else None
-    source, doc = None, None
+    lists: dict[str, ClassList] = {}
+    texts = {}
     if path is not None and path.is_file():
-        source = str(path)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            texts[str(path)] = path.read_text(encoding="utf-8")
+        except OSError as exc:
             raise RuntimeError(f"cannot read the class list {path}: {exc}") from None
-    elif embedded:
-        source = f"the metadata of model {model_name!r}"
+    if embedded:
+        texts[f"the metadata of model {model_name!r}"] = embedded
+    for source, text in texts.items():
         try:
-            doc = json.loads(embedded)
+            lists[source] = ClassList.from_json(json.loads(text))
         except ValueError as exc:
-            raise RuntimeError(f"unreadable class list in {source}: {exc}") from None
-    if doc is not None:
-        try:
-            classes = ClassList.from_json(doc)
-        except ValueError as exc:
-            raise RuntimeError(f"bad class list in {source}: {exc}") from None
-        if num_classes is not None and classes.num_classes != num_classes:
-            raise RuntimeError(
-                f"{source} lists {len(classes)} classes but model {model_name!r} has "
-                f"{num_classes - 1}: export the model and its class list together"
-            )
+            raise RuntimeError(f"cannot read the class list {source}: {exc}") from None
+    if len(set(lists.values())) > 1:
+        a, b = lists
+        raise RuntimeError(
+            f"the class lists of {a} and {b} differ: export the model and its class list together"
+        )
+    known = {source: n for source, n in counts.items() if n is not None}
+    if lists:
+        source, classes = next(iter(lists.items()))
+        for where, n in known.items():
+            if n != classes.num_classes:
+                raise RuntimeError(
+                    f"{source} lists {len(classes)} classes but {where} says model "
+                    f"{model_name!r} has {n - 1}: export the model and its class list together"
+                )
         return classes
-    if num_classes in (None, COCO.num_classes):
+    if all(n == COCO.num_classes for n in known.values()):
         log.warning(
             "model %r has no class list (%s): serving it as COCO's 80 classes",
             model_name,
             f"no {path}" if path is not None else "no model repository",
         )
         return COCO
+    n = next(n for n in known.values() if n != COCO.num_classes)
     raise RuntimeError(
-        f"model {model_name!r} has {num_classes - 1} classes and no class list "
+        f"model {model_name!r} has {n - 1} classes and no class list "
         f"({path or 'no model repository'}): re-export it with `python -m training.export`, "
         "which writes classes.json next to the model"
     )

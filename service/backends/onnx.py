@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.backends import Candidates, ModelInfo, check_contract, load_classes, read_metadata
+from service.backends import (
+    Candidates,
+    ModelInfo,
+    check_contract,
+    declared_count,
+    load_classes,
+    read_metadata,
+)
 
 _ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32"}
 
@@ -58,8 +65,11 @@ class OnnxBackend:
         )
         meta = read_metadata(self.repo, self.model_name)
         props = self.session.get_modelmeta().custom_metadata_map
-        count = int(props["num_classes"]) if "num_classes" in props else None
-        classes = load_classes(self.repo, self.model_name, count, props.get("classes"))
+        counts = {
+            "the model file": declared_count(props.get("num_classes"), str(self.path)),
+            "metadata.json": declared_count(meta.get("num_classes"), "metadata.json"),
+        }
+        classes = load_classes(self.repo, self.model_name, counts, props.get("classes"))
         self.info = ModelInfo(
             self.model_name, "1", "onnxruntime", k, meta.get("random_init"), meta, classes
         )

@@ -24,6 +24,7 @@ from service.backends import (
     Candidates,
     ModelInfo,
     check_contract,
+    declared_count,
     load_classes,
     read_metadata,
 )
@@ -79,8 +80,13 @@ class TritonBackend:
             self.model_name, as_json=True, client_timeout=self.timeout_s
         )
         params = config.get("config", config).get("parameters", {})
-        count = params.get("num_classes", {}).get("string_value")
-        classes = load_classes(self.repo, self.model_name, int(count) if count else None)
+        counts = {
+            "its Triton config": declared_count(
+                params.get("num_classes", {}).get("string_value"), "the Triton config"
+            ),
+            "metadata.json": declared_count(extra.get("num_classes"), "metadata.json"),
+        }
+        classes = load_classes(self.repo, self.model_name, counts)
         version = (meta.get("versions") or [""])[-1]
         self.info = ModelInfo(
             self.model_name, version, "triton", k, extra.get("random_init"), extra, classes

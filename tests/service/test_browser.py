@@ -97,7 +97,11 @@ def test_own_classes_and_the_random_weights_reason_are_shown(browser, tmp_path):
         page.fill("#threshold", "0.05")
         page.dispatch_event("#threshold", "input")
         every = int(page.get_attribute("#canvas", "data-boxes"))
-        page.select_option("#classFilter", "7")
+        with page.expect_response(lambda r: "classes=7" in r.url):  # filtered by the server
+            page.select_option("#classFilter", "7")
+        page.wait_for_function(
+            "document.getElementById('status').textContent.includes('detection')"
+        )
         only = int(page.get_attribute("#canvas", "data-boxes"))
         labels = {
             t.strip()

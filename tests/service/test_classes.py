@@ -82,12 +82,24 @@ def test_no_class_list_and_not_80_classes_refuses_to_start(own_repo, tmp_path):
 
 def test_a_class_list_that_disagrees_with_the_model_refuses_to_start(own_repo, tmp_path):
     repo = copy_model(own_repo, tmp_path)
+    strip_onnx_classes(repo / "ssd300_onnx" / "1" / "model.onnx", keep_count=True)
     two = ClassList((40, 7), ("Zebra crossing", "Café table"))
     (repo / "ssd300_onnx" / "classes.json").write_text(json.dumps(two.to_json()))
-    with pytest.raises(RuntimeError, match="lists 2 classes but model 'ssd300_onnx' has 3"):
+    with pytest.raises(
+        RuntimeError, match="lists 2 classes but the model file says model 'ssd300_onnx' has 3"
+    ):
         start(repo)
     (repo / "ssd300_onnx" / "classes.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="cannot read the class list"):
+        start(repo)
+
+
+def test_a_repository_list_other_than_the_model_files_refuses_to_start(own_repo, tmp_path):
+    """A classes.json restored by version control next to another model's files: refused."""
+    repo = copy_model(own_repo, tmp_path)
+    other = ClassList((1, 2, 3), ("a", "b", "c"))  # same count, other classes
+    (repo / "ssd300_onnx" / "classes.json").write_text(json.dumps(other.to_json()))
+    with pytest.raises(RuntimeError, match="differ: export the model and its class list together"):
         start(repo)
 
 
@@ -130,7 +142,7 @@ def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
             finally:
                 await backend.close()
 
-        with pytest.raises(RuntimeError, match="lists 80 classes but model 'ssd300_python' has 3"):
+        with pytest.raises(RuntimeError, match="lists 80 classes but its Triton config says model"):
             asyncio.run(start_and_close())
 
 

@@ -75,3 +75,10 @@ def test_case_only_duplicates_need_the_exact_name():
     assert two.resolve_filter(["Car"]) == {1} and two.resolve_filter(["car"]) == {2}
     with pytest.raises(ValueError):
         two.resolve_filter(["CAR"])
+
+
+def test_filter_edge_cases():
+    with pytest.raises(ValueError, match="no class name or id given"):
+        COCO.resolve_filter(["", " "])
+    with pytest.raises(ValueError, match="unknown class name '²'"):  # a digit, but not ASCII
+        COCO.resolve_filter(["²"])

@@ -174,6 +174,35 @@ def test_own_classes_from_training_to_the_service(own_coco, tmp_path):
             r = c.post("/v1/detect", files={"image": ("a.jpg", image)}, params={"classes": unknown})
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
 
+    # evaluation on a validation JSON that lists the same categories in another order: the
+    # checkpoint's label order is used, so the mAP is the one the training run measured
+    import shutil
+
+    reordered = tmp_path / "reordered"
+    shutil.copytree(own_coco, reordered)
+    for split in ("train", "val"):
+        ann = reordered / "annotations" / f"instances_{split}2017.json"
+        doc = json.loads(ann.read_text())
+        doc["categories"].reverse()
+        ann.write_text(json.dumps(doc))
+    during = next(r for r in metrics if r["event"] == "eval")
+    proc = run_train(
+        job(reordered, "--mode", "evaluation", "--checkpoint", str(save / "epoch_0.pt"))
+    )
+    assert f"mAP {during['AP']:.4f}" in proc.stderr, proc.stderr[-2000:]
+    # ... but resuming training on it is refused: labels are positions in that list
+    proc = run_train(
+        job(reordered, "--epochs", "2", "--checkpoint", str(save / "epoch_0.pt")), check=False
+    )
+    assert proc.returncode != 0 and "in another order than the run it resumes" in proc.stderr
+    # resuming with other frozen layers than the run had: a clear message
+    proc = run_train(
+        job(
+            own_coco, "--epochs", "2", "--checkpoint", str(save / "epoch_0.pt"), "--freeze-backbone"
+        ),
+        check=False,
+    )
+    assert proc.returncode != 0 and "pass the same ones" in proc.stderr
     # resuming this run on data with other classes is refused, with the reason
     other = generate(tmp_path / "other", train=8, val=4, seed=1, num_classes=2)
     proc = run_train(

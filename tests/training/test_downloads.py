@@ -214,3 +214,11 @@ def test_concurrent_fetches_share_an_intact_file(server: Server, weights: bytes)
     assert results[0].read_bytes() == big
     assert 1 <= server.requests[name] <= 2
     assert cache_files() == [name.lstrip("/")]
+
+
+def test_unwritable_cache_is_a_download_error(server, weights, torch_home):
+    torch_home.mkdir(parents=True)
+    (torch_home / "hub").write_text("a file where the cache folder should be")
+    url = server.serve(hashed_name(weights), Route(weights))
+    with pytest.raises(DownloadError, match="cannot write into the cache folder"):
+        fetch(url, what="the weights", progress=False)

@@ -14,11 +14,11 @@ from ssdcore.labels import COCO, ClassList
 from tests.file_server import Route, Server, hashed_name
 from tests.training.conftest import job, run_train
 from tests.training.test_checkpoint import nvidia_like_state
-from training.checkpoint import read_checkpoint
+from training.checkpoint import CheckpointError, read_checkpoint
 from training.engine import param_groups
 from training.export import main as export_main
 from training.model import build_model, freeze_backbone
-from training.pretrained import transfer
+from training.pretrained import backbone_of, load_pretrained, transfer
 from training.synthetic import generate
 
 OWN = ClassList((7, 3, 12), ("Zebra crossing", "Café table", "car"))  # "car" is COCO label 3
@@ -101,6 +101,28 @@ def test_transfer_to_another_backbone_keeps_what_fits():
         model.state_dict()["feature_extractor.feature_extractor.0.weight"],
         source["feature_extractor.feature_extractor.0.weight"],
     )
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_backbone_is_recognised_from_the_state_dict(arch):
+    assert backbone_of(build_model(arch).state_dict()) == arch
+
+
+def test_pretrained_of_another_backbone_or_no_detector_is_refused(tmp_path):
+    nvidia_file(tmp_path / "nvidia.pt")
+    model = build_model("resnet18", num_classes=OWN.num_classes)
+    with pytest.raises(
+        CheckpointError, match=r"has a resnet50 backbone .* pass --backbone resnet50"
+    ):
+        load_pretrained(model, tmp_path / "nvidia.pt", OWN, "resnet18")
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(CheckpointError, match="goes to --backbone-path"):
+        load_pretrained(model, tmp_path / "resnet18.pth", OWN, "resnet18")
+    torch.save({"model": model.state_dict(), "classes": {"classes": "?"}}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="class list is unusable"):
+        load_pretrained(model, tmp_path / "bad.pt", OWN, "resnet18")
 
 
 @pytest.mark.parametrize("trainable, frozen", [(0, 4), (2, 2), (4, 0)])
