@@ -17,7 +17,7 @@ USERS ?= 1 4 16
 LOADTEST_SECONDS ?= 30
 LOADTEST_HOST ?=
 
-.PHONY: install system-deps test lint serve model bench loadtest reliability clean
+.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,16 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# every test; in CI (CI=true) this includes the compose stack built and run for real
 test: install system-deps lint
 	$(PY) -m pytest
+
+# both images built from the Dockerfiles and the compose stack run for real (the engine installed
+# when root on Debian; stand-in base images where the official ones cannot be pulled; the training
+# image fetches torch's CUDA wheels); fails, never skips, without an engine. make test runs the
+# same tests in CI.
+compose-test: install
+	SSD_COMPOSE_REQUIRED=1 $(PY) -m pytest -m compose -s tests/deploy/test_compose_stack.py tests/deploy/test_compose_full.py
 
 model: install
 	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--checkpoint nvidia --fallback-random-init)
