@@ -25,6 +25,8 @@ TESTS = [
     "tests/service/test_triton_faults.py",
     "tests/service/test_shutdown.py",
     "tests/service/test_fuzz.py",
+    "tests/service/test_slow_clients.py",
+    "tests/service/test_header_fuzz.py",
     "tests/loadtest/test_locust.py",
     "tests/training/test_train.py::test_resume_is_exact",
     "tests/training/test_train.py::test_kill_during_checkpoint_write_and_corruption_fallback",

@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from service.app import create_app
+from service.http_server import raise_open_files_limit, server_config
 from service.memory import fix_mmap_threshold
 from service.settings import Settings
 
@@ -42,20 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             "malloc's mmap threshold left as it is (not glibc, or set by MALLOC_MMAP_THRESHOLD_ "
             "or GLIBC_TUNABLES)"
         )
+    soft, hard = raise_open_files_limit()
+    logging.getLogger("service").info("open files: soft limit %d (hard %d)", soft, hard)
     app = create_app(settings)
     print(
         f"SSD300 detection service on http://{settings.host}:{settings.port}/ "
         f"(backend {settings.backend}, model {settings.model_name})",
         flush=True,
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
+    config = server_config(app, settings, args.log_level)
     # uvicorn re-raises the signal after its graceful shutdown; having drained every request,
     # a SIGTERM then ends the process with status 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

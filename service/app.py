@@ -1,5 +1,6 @@
 """The FastAPI app: thin routes over the pipeline; resources live in the lifespan."""
 
+import asyncio
 import hmac
 import logging
 import re
@@ -7,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -77,18 +79,40 @@ def build_backend(settings: Settings) -> Backend:
     return OnnxBackend(settings.model_repository, settings.model_name, settings.onnx_threads)
 
 
+@dataclass(frozen=True)
+class BodyDeadline:
+    """How long a request body may take: at most ``read_timeout_s`` between two reads (nginx's
+    ``client_body_timeout``), and, once ``grace_s`` have passed, ``min_rate`` bytes/s on average
+    (a trickle of a byte now and then never holds a connection for long)."""
+
+    read_timeout_s: float
+    min_rate: int
+    grace_s: float
+
+    def wait_s(self, elapsed: float, received: int) -> float:
+        """Seconds the next piece of the body may still take."""
+        if self.min_rate <= 0:
+            return self.read_timeout_s
+        rate_deadline = max(self.grace_s, received / self.min_rate)
+        return min(self.read_timeout_s, rate_deadline - elapsed)
+
+
 class EdgeMiddleware:
-    """Outermost ASGI layer: request id, body-size cap, request metrics.
+    """Outermost ASGI layer: request id, body-size cap, body deadline, request metrics.
 
     The body cap refuses a too large ``Content-Length`` before reading anything and counts the
     bytes actually received (chunked bodies, lying headers), stopping at the cap: Starlette and
-    uvicorn put no total limit on multipart bodies themselves.
+    uvicorn put no total limit on multipart bodies themselves. The body deadline answers a
+    stalled or trickling upload with 408 and closes its connection.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body: int, metrics: Metrics, deadline: BodyDeadline
+    ) -> None:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
+        self.deadline = deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,18 +144,34 @@ class EdgeMiddleware:
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
                 await self._too_large(scope, receive, send_wrapper, request_id)
                 return
-            received = 0
+            received, started, body_done = 0, None, False
+            loop = asyncio.get_running_loop()
 
-            async def receive_capped() -> Message:
-                nonlocal received
-                message = await receive()
+            async def receive_guarded() -> Message:
+                nonlocal received, started, body_done
+                if body_done:  # waiting for a disconnect, not for the body: no deadline
+                    return await receive()
+                started = loop.time() if started is None else started
+                wait_s = self.deadline.wait_s(loop.time() - started, received)
+                try:
+                    async with asyncio.timeout(max(wait_s, 0.0)):
+                        message = await receive()
+                except TimeoutError:
+                    self.metrics.rejected.labels("slow_body").inc()
+                    raise ApiError(
+                        408,
+                        "request_timeout",
+                        f"the request body did not arrive in time ({received} bytes received)",
+                        {"Connection": "close"},
+                    ) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if received > self.max_body:
                         raise ApiError(413, "payload_too_large", self._limit_text())
                 return message
 
-            await self.app(scope, receive_capped, send_wrapper)
+            await self.app(scope, receive_guarded, send_wrapper)
         finally:
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
 
@@ -190,6 +230,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             dct_scaling=settings.jpeg_dct_scaling,
         )
         app.state.in_flight = 0
+        app.state.uploading = 0
         try:
             yield
         finally:
@@ -269,6 +310,21 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         except ValueError as exc:
             raise ApiError(422, "invalid_parameter", str(exc)) from None
         state = request.app.state
+        # uploads in progress and inference are bounded apart: a slow upload holds an upload
+        # slot (until its body deadline at most), never one of the model's
+        if state.uploading >= settings.max_uploads:
+            metrics.rejected.labels("uploads").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                "too many uploads in progress; retry shortly",
+                {"Retry-After": "1"},
+            )
+        state.uploading += 1
+        try:
+            uploads = await read_uploads(request, settings.max_files)
+        finally:
+            state.uploading -= 1
         if state.in_flight >= settings.max_in_flight:
             metrics.rejected.labels("in_flight").inc()
             raise ApiError(
@@ -280,7 +336,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         state.in_flight += 1
         metrics.in_flight.inc()
         try:
-            uploads = await read_uploads(request, settings.max_files)
             params = DetectParams(score_threshold, iou_threshold, max_detections, allowed)
             body = await pipe.detect(uploads, params)
         finally:
@@ -333,7 +388,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    return EdgeMiddleware(app, settings.max_body_bytes, metrics)
+    deadline = BodyDeadline(
+        settings.body_read_timeout_s, settings.body_min_rate, settings.body_grace_s
+    )
+    return EdgeMiddleware(app, settings.max_body_bytes, metrics, deadline)
 
 
 async def read_uploads(request: Request, max_files: int) -> list[bytes]:

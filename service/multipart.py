@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ApiError
@@ -34,7 +34,10 @@ class Part:
 
 
 def boundary_of(content_type: str) -> bytes:
-    _, params = parse_options_header(content_type)
+    try:
+        _, params = parse_options_header(content_type)
+    except (ValueError, UnicodeError, TypeError) as exc:  # any header a client can send
+        raise ApiError(400, "invalid_multipart", f"unusable Content-Type: {exc}") from None
     boundary = params.get(b"boundary")
     if not boundary:
         raise ApiError(400, "invalid_multipart", "multipart/form-data without a boundary")
@@ -87,23 +90,24 @@ async def read_form(
                 413, "field_too_large", f"a text field is larger than {MAX_FIELD_BYTES} bytes"
             )
 
-    parser = MultipartParser(
-        boundary_of(content_type),
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-        },
-        max_header_size=MAX_HEADER_SIZE,
-    )
+    boundary = boundary_of(content_type)
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+    }
+    # Every exception of the parser is the client's doing: a 400, never a 500. Its errors are
+    # ValueErrors (FormParserError), raised from the constructor too (a boundary over 256 bytes);
+    # our callbacks raise ApiError, which passes through.
     try:
+        parser = MultipartParser(boundary, callbacks=callbacks, max_header_size=MAX_HEADER_SIZE)
         async for chunk in stream:
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except (FormParserError, ValueError, UnicodeError, TypeError, IndexError) as exc:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc}") from None
     form: dict[str, list[Part]] = {}
     for part in parts:

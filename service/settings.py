@@ -35,7 +35,16 @@ class Settings(BaseSettings):
     max_files: int = Field(16, ge=1)
     max_pixels: int = Field(50_000_000, ge=1)
     max_side: int = Field(16_384, ge=1)
-    max_in_flight: int = Field(64, ge=1)  # requests being processed; excess gets 503
+    max_in_flight: int = Field(64, ge=1)  # requests at inference (body received); excess: 503
+    max_uploads: int = Field(64, ge=1)  # bodies being received at once; excess gets 503
+
+    # slow and stalled clients (reliability spec §5; service/http_server.py)
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
+    keep_alive_s: float = Field(5.0, gt=0)  # idle kept-alive connections closed after this
+    body_read_timeout_s: float = Field(30.0, gt=0)  # at most this long between two body reads
+    body_min_rate: int = Field(8192, ge=0)  # bytes/s on average once the grace period is over
+    body_grace_s: float = Field(10.0, ge=0)  # ... (0 rate: no rate check)
+    max_connections: int = Field(1024, ge=1)  # open connections; requests beyond get 503
     decode_workers: int = Field(2, ge=1)
     jpeg_dct_scaling: bool = True  # decode large JPEGs at 1/2..1/8 scale (see imaging.py)
     request_timeout_s: float = Field(30.0, gt=0)

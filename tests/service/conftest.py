@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.processes import NotReady, free_port, service_command, wait_ready
 from service.app import create_app
+from service.http_server import server_config
 from service.settings import Settings
 
 
@@ -55,13 +56,7 @@ def triton_settings(grpc_url: str, repo: Path, **overrides) -> Settings:
 def run_service(settings: Settings, backend=None) -> Iterator[LiveService]:
     port = free_port()
     settings = settings.model_copy(update={"port": port, "host": "127.0.0.1"})
-    config = uvicorn.Config(
-        create_app(settings, backend),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        h11_max_incomplete_event_size=64 * 1024,
-    )
+    config = server_config(create_app(settings, backend), settings, "warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
