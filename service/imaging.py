@@ -3,9 +3,10 @@
 Bytes are sniffed (never the file name or the part's Content-Type); only JPEG, PNG and WebP are
 opened; the size in the header is checked against the caps before any pixel is decoded; Pillow's
 decompression-bomb warning is an error; ``load()`` runs inside the same guard (``open`` is lazy);
-EXIF orientation is applied and the oriented size reported; every mode becomes RGB
-deterministically. JPEGs are decoded with DCT scaling (``draft``) straight to the smallest size
-that still covers the 300x300 input, which is most of the cost saving on large photos.
+then ``ssdcore.imaging.model_input`` (the pixels the model sees, shared with INT8 calibration):
+EXIF orientation applied and the oriented size reported, every mode made RGB deterministically,
+JPEGs decoded with DCT scaling (``draft``) straight to the smallest size that still covers the
+300x300 input (most of the cost saving on large photos), the bilinear resize.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from service.errors import ApiError
+from ssdcore.imaging import model_input
 from ssdcore.spec import SSD300
 
 # Pillow registers plugins lazily; ours are these three, nothing else is ever opened.
 ALLOWED = ("JPEG", "PNG", "WEBP")
-BACKGROUND = (255, 255, 255)  # where transparent pixels are composited
-_ORIENTATION_TAG = 0x0112
 
 # Recognised but refused formats, for a clear message (checked after the allowed ones).
 _REFUSED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -96,30 +96,6 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB, deterministically (alpha over a fixed background, 16-bit scaled)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.uint32) if mode != "I" else np.asarray(img)
-        grey = (np.clip(values, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
-        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(values)
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        mode == "P" and "transparency" in img.info
-    )
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def decode_image(
     data: bytes, limits: ImageLimits, size: int = SSD300.image_size, dct_scaling: bool = True
 ) -> DecodedImage:
@@ -136,10 +112,7 @@ def decode_image(
             img = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
             _check_size(width, height, limits)
-            orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-            if fmt == "JPEG" and dct_scaling:
-                img.draft("RGB", (size, size))  # DCT scaling: decode at 1/2, 1/4 or 1/8
-            img.load()
+            pixels, width, height = model_input(img, fmt == "JPEG", size, dct_scaling)
         except ApiError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -148,15 +121,4 @@ def decode_image(
             raise ApiError(
                 400, "invalid_image", f"the {fmt} image could not be decoded: {exc}"
             ) from None
-        if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose only copies (~1.3 ms)
-            try:
-                img = ImageOps.exif_transpose(img)
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
-            except (OSError, ValueError, TypeError, KeyError):
-                pass  # a broken EXIF block: keep the stored orientation
-        rgb = to_rgb(img)
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(rgb, dtype=np.uint8)
-    return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height))
+    return DecodedImage(pixels, width, height)

@@ -1,6 +1,6 @@
 """The SSD300 contract shared by training and serving: spec, default boxes, classes, postprocess.
 
-numpy-only: the gateway imports this without torch.
+numpy-only (``ssdcore.imaging`` also needs Pillow): the gateway imports this without torch.
 """
 
 from ssdcore.anchors import default_boxes
