@@ -76,7 +76,12 @@ def build_backend(settings: Settings) -> Backend:
         )
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(settings.model_repository, settings.model_name, settings.onnx_threads)
+    return OnnxBackend(
+        settings.model_repository,
+        settings.model_name,
+        settings.onnx_threads,
+        settings.onnx_spinning,
+    )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_timeout_s: float = Field(5.0, gt=0)  # deadline of every Triton call
     onnx_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
+    onnx_spinning: bool = False  # ONNX Runtime's intra-op threads spin after a run (README)
 
     # micro-batching in front of the backend
     batch_max_size: int = Field(8, ge=1, le=256)

@@ -49,9 +49,11 @@ from training.served import ServedSSD
 
 log = logging.getLogger("export")
 
-FORMATS = ("onnx", "torchscript", "python")
+FORMATS = ("onnx", "torchscript", "python")  # the default ones; onnx_int8 on request
+ALL_FORMATS = (*FORMATS, "onnx_int8")
 MODEL_NAMES = {
     "onnx": "ssd300_onnx",
+    "onnx_int8": "ssd300_onnx_int8",
     "torchscript": "ssd300_torchscript",
     "python": "ssd300_python",
     "raw": "ssd300_raw",
@@ -90,6 +92,7 @@ def triton_config(fmt: str, opts: ExportOptions, num_classes: int = SPEC.num_cla
     lines = [f'name: "{MODEL_NAMES[fmt]}"']
     lines += {
         "onnx": ['backend: "onnxruntime"', 'platform: "onnxruntime_onnx"'],
+        "onnx_int8": ['backend: "onnxruntime"', 'platform: "onnxruntime_onnx"'],
         "raw": ['backend: "onnxruntime"', 'platform: "onnxruntime_onnx"'],
         "torchscript": ['backend: "pytorch"', 'platform: "pytorch_libtorch"'],
         "python": ['backend: "python"'],
@@ -128,7 +131,8 @@ def triton_config(fmt: str, opts: ExportOptions, num_classes: int = SPEC.num_cla
         "  }",
         "}",
     ]
-    kind = "KIND_GPU" if opts.gpu and fmt != "python" else "KIND_CPU"
+    # the Python variant and INT8 (a CPU model: VNNI) run on the CPU whatever the export says
+    kind = "KIND_GPU" if opts.gpu and fmt not in ("python", "onnx_int8") else "KIND_CPU"
     lines.append(f"instance_group [ {{ count: 1 kind: {kind} }} ]")
     lines += [
         "model_warmup [ {",
@@ -275,8 +279,14 @@ def export(
     raw: bool = False,
     classes: ClassList | None = None,
     weights: Weights | None = None,
+    calibration: Path | None = None,
+    calibration_images: int = 300,
 ) -> dict:
-    """Write the requested models into ``output``; returns the metadata written with them."""
+    """Write the requested models into ``output``; returns the metadata written with them.
+
+    ``onnx_int8`` needs ``calibration`` (a folder of images or a COCO layout)."""
+    if "onnx_int8" in formats and calibration is None:
+        raise SystemExit("--formats onnx_int8 needs --calibration-data DIR (images or COCO)")
     if weights is None:
         if checkpoint is None and not random_init:
             raise SystemExit(
@@ -314,8 +324,13 @@ def export(
         version.mkdir(parents=True, exist_ok=True)
         served = ServedSSD(model, topk=opts.topk, raw=fmt == "raw").eval()
         t0 = time.perf_counter()
+        extra: dict = {}
         if fmt == "torchscript":
             export_torchscript(served, version / "model.pt", classes)
+        elif fmt == "onnx_int8":
+            extra = export_int8(
+                served, version, onnx_file, classes, calibration, calibration_images
+            )
         elif fmt == "python" and onnx_file is not None:
             shutil.copyfile(onnx_file, version / "model.onnx")
         else:
@@ -329,7 +344,10 @@ def export(
         (model_dir / "config.pbtxt").write_text(triton_config(fmt, opts, classes.num_classes))
         (model_dir / "labels.txt").write_text(classes.labels_txt(), encoding="utf-8")
         write_json_atomic(classes.to_json(), model_dir / "classes.json")
-        write_json_atomic({**metadata, "format": fmt, "name": name}, model_dir / "metadata.json")
+        write_json_atomic(
+            {**metadata, "format": fmt, "name": name, "precision": "fp32", **extra},
+            model_dir / "metadata.json",
+        )
         log.info(
             "wrote %s (%s, %d classes) in %.1f s", name, fmt, len(classes), time.perf_counter() - t0
         )
@@ -347,9 +365,48 @@ def read_class_file(path: Path) -> ClassList:
         raise SystemExit(f"error: --classes {path}: {exc}") from None
 
 
+def export_int8(
+    served: ServedSSD,
+    version: Path,
+    onnx_file: Path | None,
+    classes: ClassList,
+    calibration: Path,
+    count: int,
+) -> dict:
+    """The INT8 model from the fp32 ONNX graph (this export's, or one made for it)."""
+    import onnx
+
+    from training.quantize import calibration_images, quantize
+
+    fp32 = onnx_file
+    if fp32 is None:
+        fp32 = version / "fp32.onnx"
+        export_onnx(served, fp32, False, classes)
+    try:
+        images = calibration_images(calibration, count)
+        facts = quantize(fp32, version / "model.onnx", images)
+    finally:
+        if onnx_file is None:
+            fp32.unlink(missing_ok=True)
+    path = version / "model.onnx"
+    proto = onnx.load(str(path))
+    kept = {p.key for p in proto.metadata_props}
+    for key, value in {**class_metadata(classes), "precision": "int8"}.items():
+        if key not in kept:
+            proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    facts["calibration_data"] = str(calibration)
+    return facts
+
+
 def has_model(repo: Path, fmt: str) -> bool:
     name = MODEL_NAMES[fmt]
-    files = {"onnx": "model.onnx", "raw": "model.onnx", "python": "model.onnx"}
+    files = {
+        "onnx": "model.onnx",
+        "onnx_int8": "model.onnx",
+        "raw": "model.onnx",
+        "python": "model.onnx",
+    }
     return (repo / name / "1" / files.get(fmt, "model.pt")).is_file()
 
 
@@ -378,7 +435,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(cached in $TORCH_HOME/hub/checkpoints; URL: {NVIDIA_CHECKPOINT_HELP})",
     )
     p.add_argument("--output", type=Path, default=Path("model_repository"))
-    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    p.add_argument("--formats", nargs="+", choices=ALL_FORMATS, default=list(FORMATS))
+    p.add_argument(
+        "--calibration-data",
+        type=Path,
+        help="images for INT8 calibration (a folder, or a COCO layout: its val2017/); "
+        "they go through the gateway's preprocessing",
+    )
+    p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument(
         "--topk",
         type=int,
@@ -462,7 +526,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if weights.source["checkpoint"] is None:
         log.warning("EXPORTING A RANDOMLY INITIALISED MODEL: its detections are meaningless")
-    export(args.output, args.formats, opts=opts, raw=args.raw, weights=weights)
+    export(
+        args.output,
+        args.formats,
+        opts=opts,
+        raw=args.raw,
+        weights=weights,
+        calibration=args.calibration_data,
+        calibration_images=args.calibration_images,
+    )
     return 0
 
 

@@ -33,11 +33,14 @@ def _describe(args) -> list[dict]:
 
 
 class OnnxBackend:
-    def __init__(self, repo: Path, model_name: str, threads: int = 0) -> None:
+    def __init__(
+        self, repo: Path, model_name: str, threads: int = 0, spinning: bool = False
+    ) -> None:
         self.path = repo / model_name / "1" / "model.onnx"
         self.repo = repo
         self.model_name = model_name
         self.threads = threads
+        self.spinning = spinning
         self.session: ort.InferenceSession | None = None
         # one thread: ONNX Runtime parallelises inside a run; batches queue in the micro-batcher
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
@@ -53,6 +56,11 @@ class OnnxBackend:
         options.intra_op_num_threads = self.threads
         # no arena: it keeps the largest batch's buffers forever and grows with every new shape
         options.enable_cpu_mem_arena = False
+        # ONNX Runtime's threads spin after each run by default, taking the cores from the
+        # decoding beside it (SSD_ONNX_SPINNING; README: measured under the gateway's load)
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
+        )
         loop = asyncio.get_running_loop()
         self.session = await loop.run_in_executor(
             self._executor,
