@@ -113,8 +113,8 @@ def gateway(tmp: Path, seconds: float) -> list[list[object]]:
     for model in ("ssd300_onnx", "ssd300_onnx_int8"):
         for spinning in ("1", "0", "1", "0"):  # twice each, alternating
             port = free_port()
-            os.environ["SSD_ONNX_SPINNING"] = spinning  # the service reads its settings from it
-            proc = start(service_command(port, repo, "--model-name", model), port)
+            env = {**os.environ, "SSD_ONNX_SPINNING": spinning}
+            proc = start(service_command(port, repo, "--model-name", model), port, env)
             try:
                 url = f"http://127.0.0.1:{port}"
                 load(url, body, 8, 4)
@@ -123,7 +123,6 @@ def gateway(tmp: Path, seconds: float) -> list[list[object]]:
                 proc.terminate()
                 proc.wait()
             rows.append([model, "on" if spinning == "1" else "off", f"{ok / elapsed:.2f}", errors])
-    os.environ.pop("SSD_ONNX_SPINNING", None)
     return rows
 
 

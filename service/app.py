@@ -271,6 +271,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 401, "unauthorized", "missing or wrong X-API-Key", {"WWW-Authenticate": "ApiKey"}
             )
 
+    def overloaded(limit: str, message: str) -> ApiError:
+        metrics.rejected.labels(limit).inc()
+        return ApiError(503, "overloaded", f"{message}; retry shortly", {"Retry-After": "1"})
+
     def pipeline(request: Request) -> Pipeline:
         return request.app.state.pipeline
 
@@ -318,26 +322,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         # uploads in progress and inference are bounded apart: a slow upload holds an upload
         # slot (until its body deadline at most), never one of the model's
         if state.uploading >= settings.max_uploads:
-            metrics.rejected.labels("uploads").inc()
-            raise ApiError(
-                503,
-                "overloaded",
-                "too many uploads in progress; retry shortly",
-                {"Retry-After": "1"},
-            )
+            raise overloaded("uploads", "too many uploads in progress")
         state.uploading += 1
         try:
             uploads = await read_uploads(request, settings.max_files)
         finally:
             state.uploading -= 1
         if state.in_flight >= settings.max_in_flight:
-            metrics.rejected.labels("in_flight").inc()
-            raise ApiError(
-                503,
-                "overloaded",
-                "too many requests in flight; retry shortly",
-                {"Retry-After": "1"},
-            )
+            raise overloaded("in_flight", "too many requests in flight")
         state.in_flight += 1
         metrics.in_flight.inc()
         try:

@@ -51,6 +51,13 @@ def run(
     return proc
 
 
+def write_figures(path: Path, title: str) -> None:
+    """FIGURES as JSON at ``path`` (for the README), and printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(FIGURES, indent=2))
+    print(f"\n{title}:", json.dumps(FIGURES, indent=2))
+
+
 def timed(name: str, fn, *args, **kw):
     t0 = time.monotonic()
     result = fn(*args, **kw)

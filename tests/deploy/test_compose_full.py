@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,8 @@ from tests.deploy.docker_stack import (
     base_images,
     ensure_engine,
     image_size_mb,
+    timed,
+    write_figures,
 )
 from tests.service.images import encode, photo
 
@@ -68,12 +69,8 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
         f"ssd300full{os.getpid()}", repo, free_port(), python_image, triton_image, checkpoints
     )
     try:
-        t0 = time.monotonic()
-        stack.compose("build", "export", timeout=3600)
-        FIGURES["training image build s"] = round(time.monotonic() - t0, 1)
-        t0 = time.monotonic()
-        stack.compose("build", "export", timeout=3600)
-        FIGURES["training image rebuild (cached) s"] = round(time.monotonic() - t0, 1)
+        timed("training image build s", stack.compose, "build", "export", timeout=3600)
+        timed("training image rebuild (cached) s", stack.compose, "build", "export", timeout=3600)
         FIGURES["training image MB"] = image_size_mb("ssd300-train:latest")
         usage = stack.compose("run", "--rm", "--no-deps", "export", "--help")
         assert "python -m training.export" in usage.stdout and "--checkpoint" in usage.stdout
@@ -82,9 +79,8 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
             "--help",
         )  # fmt: skip
         assert "--backbone-weights" in train_help.stdout
-        t0 = time.monotonic()
-        stack.compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=700)
-        FIGURES["up (export, triton, gateway) s"] = round(time.monotonic() - t0, 1)
+        timed("up (export, triton, gateway) s", stack.compose, "up", "-d", "--wait",
+              "--wait-timeout", "600", timeout=700)  # fmt: skip
         exported = stack.inspect("export")["State"]
         assert exported["ExitCode"] == 0 and exported["Status"] == "exited"
         meta = json.loads((repo / "ssd300_python" / "metadata.json").read_text())
@@ -97,6 +93,4 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
         assert r.json()["model"]["random_weights"] is False
     finally:
         stack.compose("down", "--remove-orphans", "--timeout", "20", check=False)
-        FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
-        FIGURES_FILE.write_text(json.dumps(FIGURES, indent=2))
-        print("\ncompose-full figures:", json.dumps(FIGURES, indent=2))
+        write_figures(FIGURES_FILE, "compose-full figures")

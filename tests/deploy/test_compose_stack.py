@@ -33,6 +33,8 @@ from tests.deploy.docker_stack import (
     image_size_mb,
     layers,
     run,
+    timed,
+    write_figures,
 )
 from tests.service.conftest import run_service
 from tests.service.images import encode, photo
@@ -82,12 +84,8 @@ def stack(repo):
     python_image, triton_image, standins = base_images()
     FIGURES["bases"] = "stand-ins built here" if standins else "official images"
     s = Stack(f"ssd300test{os.getpid()}", repo, free_port(), python_image, triton_image)
-    t0 = time.monotonic()
-    s.compose("build", "gateway", timeout=1800)
-    FIGURES["gateway build s"] = round(time.monotonic() - t0, 1)
-    t0 = time.monotonic()
-    s.compose("build", "gateway")
-    FIGURES["gateway rebuild (cached) s"] = round(time.monotonic() - t0, 1)
+    timed("gateway build s", s.compose, "build", "gateway", timeout=1800)
+    timed("gateway rebuild (cached) s", s.compose, "build", "gateway")
     gateway_image = "ssd300-gateway:latest"
     FIGURES["gateway image MB"] = image_size_mb(gateway_image)
     FIGURES["base image MB"] = image_size_mb(python_image)
@@ -115,9 +113,7 @@ def stack(repo):
         yield s
     finally:
         s.compose("down", "--remove-orphans", "--timeout", "20", check=False)
-        FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
-        FIGURES_FILE.write_text(json.dumps(FIGURES, indent=2))
-        print("\ncompose figures:", json.dumps(FIGURES, indent=2))
+        write_figures(FIGURES_FILE, "compose figures")
 
 
 def test_up_waits_for_triton_then_the_gateway(stack):

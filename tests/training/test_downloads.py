@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loadtest.processes import free_port  # bound, then closed: nothing listens there
 from tests.file_server import Route, Server, hashed_name
 from training.downloads import DownloadError, cache_dir, cached_path, fetch
 
@@ -162,16 +162,10 @@ def test_http_404(server: Server) -> None:
     assert cache_files() == []
 
 
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "url",
     [
-        pytest.param(f"http://127.0.0.1:{closed_port()}/x-00000000.pth", id="refused"),
+        pytest.param(f"http://127.0.0.1:{free_port()}/x-00000000.pth", id="refused"),
         pytest.param("http://nonexistent.invalid/x-00000000.pth", id="unresolvable"),
     ],
 )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import pytest
 import torch
 
+from loadtest.processes import free_port
 from ssdcore.labels import COCO, ClassList
 from tests.file_server import Route, Server, hashed_name
 from tests.training.conftest import job, run_train
@@ -38,13 +38,6 @@ def nvidia_file(path, seed: int = 0) -> dict[str, torch.Tensor]:
         {"model": {f"module.{k}": v for k, v in state.items()}, "label_map": label_map}, path
     )
     return state
-
-
-def closed_port_url(name: str) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{name}"
 
 
 @pytest.fixture
@@ -246,7 +239,7 @@ def test_two_ranks_download_the_backbone_once(synthetic_coco, tmp_path, server, 
 
 
 def test_offline_backbone_download_stops_the_job_with_a_clear_message(synthetic_coco, tmp_path):
-    url = closed_port_url("resnet18-f37072fd.pth")
+    url = f"http://127.0.0.1:{free_port()}/resnet18-f37072fd.pth"  # nothing listens there
     home = tmp_path / "torch_home"
     proc = run_train(
         [
