@@ -35,7 +35,7 @@ from ssdcore.spec import REFERENCE_POSTPROCESS
 from tests.reference_decode import reference_decode_single
 from tests.service.images import photo
 from training.model import build_model, calibrate_random_model
-from training.served import ServedSSD, candidates_above
+from training.export.served import ServedSSD, candidates_above
 
 ALL_PAIRS = 8732 * 80
 

@@ -26,6 +26,7 @@ from service.batching import MicroBatcher
 from service.errors import ApiError, error_body
 from service.imaging import ImageLimits
 from service.metrics import Metrics
+from service.model_versions import VersionFollower
 from service.multipart import read_form
 from service.pipeline import DetectParams, Pipeline
 from service.settings import Settings
@@ -224,6 +225,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             metrics,
         )
         batcher.start()
+        follower = VersionFollower(be, settings.model_poll_s, metrics)
+        follower.start()
+        app.state.follower = follower
         pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         app.state.pipeline = Pipeline(
             be,
@@ -239,6 +243,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         try:
             yield
         finally:
+            await follower.close()
             await batcher.close()
             pool.shutdown(wait=True)
             await be.close()
@@ -311,13 +316,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             ),
         ] = None,
     ) -> JSONResponse:
-        try:
-            model_classes = pipe.backend.info.classes
-            allowed = (
-                frozenset(model_classes.resolve_filter(classes.split(","))) if classes else None
-            )
-        except ValueError as exc:
-            raise ApiError(422, "invalid_parameter", str(exc)) from None
+        wanted = tuple(classes.split(",")) if classes is not None else None
+        params = DetectParams(score_threshold, iou_threshold, max_detections, wanted)
+        params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
         state = request.app.state
         # uploads in progress and inference are bounded apart: a slow upload holds an upload
         # slot (until its body deadline at most), never one of the model's
@@ -333,7 +334,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         state.in_flight += 1
         metrics.in_flight.inc()
         try:
-            params = DetectParams(score_threshold, iou_threshold, max_detections, allowed)
             body = await pipe.detect(uploads, params)
         finally:
             state.in_flight -= 1
@@ -341,9 +341,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         body["request_id"] = request.state.request_id
         return JSONResponse(body)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="The served model")
+    @app.get(
+        "/v1/models",
+        dependencies=[Depends(require_api_key)],
+        summary="The served model, its versions and the last one refused",
+    )
     async def models(pipe: Annotated[Pipeline, Depends(pipeline)]) -> dict:
-        info = pipe.backend.info
+        info, versions = pipe.backend.info, pipe.backend.versions
         return {
             "models": [
                 {
@@ -356,6 +360,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     "ready": await pipe.backend.ready(),
                     "classes": info.classes.public(),
                     "metadata": info.metadata,
+                    "versions": {
+                        "served": versions.served,
+                        "present": versions.present,
+                        "refused": versions.refused,
+                        "switched_at": versions.switched_at,
+                    },
                 }
             ],
             "defaults": {

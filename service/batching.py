@@ -2,12 +2,15 @@
 
 Each image waits at most ``max_delay`` for company, and a batch holds at most ``max_size`` images.
 Up to ``concurrency`` batches are at the backend at once (1 for the in-process ONNX Runtime, which
-already uses every core; more for Triton, whose own dynamic batcher merges them further).
+already uses every core; more for Triton, whose own dynamic batcher merges them further). A batch
+holds images pinned to one model version only (the embedded backend pins each request to the
+version it was admitted to); images of another version wait for the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ class _Item:
     future: asyncio.Future
     enqueued: float
     deadline: float  # perf_counter time by which the request must be answered
+    pin: object = None  # the model version (Backend.pin) its request was admitted to
 
 
 class MicroBatcher:
@@ -51,18 +55,22 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        self._held: collections.deque[_Item] = collections.deque()  # of another version
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
-    async def submit(self, pixels: list[np.ndarray], deadline: float) -> list[BatchResult]:
+    async def submit(
+        self, pixels: list[np.ndarray], deadline: float, pin: object = None
+    ) -> list[BatchResult]:
         """Queue images and wait for their results (in the same order).
 
-        ``deadline`` (a ``time.perf_counter()`` value) bounds the backend call of their batch.
+        ``deadline`` (a ``time.perf_counter()`` value) bounds the backend call of their batch;
+        ``pin``: the model version they go to.
         """
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(p, loop.create_future(), now, deadline) for p in pixels]
+        items = [_Item(p, loop.create_future(), now, deadline, pin) for p in pixels]
         for item in items:
             self._queue.put_nowait(item)
         try:
@@ -73,22 +81,26 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
+            first = self._held.popleft() if self._held else await self._queue.get()
             batch = [first]
             deadline = time.perf_counter() + self.max_delay_s
             while len(batch) < self.max_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+                item = self._held_for(first.pin)
+                if item is None:
+                    try:
+                        item = self._queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), remaining)
+                        except TimeoutError:
+                            break
+                if item.pin is first.pin:
+                    batch.append(item)
+                else:
+                    self._held.append(item)
             batch = [i for i in batch if not i.future.done()]
             if not batch:
                 continue
@@ -97,6 +109,13 @@ class MicroBatcher:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    def _held_for(self, pin: object) -> _Item | None:
+        for index, item in enumerate(self._held):
+            if item.pin is pin:
+                del self._held[index]
+                return item
+        return None
+
     async def _infer(self, batch: list[_Item]) -> None:
         try:
             started = time.perf_counter()
@@ -104,7 +123,9 @@ class MicroBatcher:
             self.metrics.batch_size.observe(len(batch))
             try:
                 remaining = min(i.deadline for i in batch) - time.perf_counter()
-                out = await self.backend.infer(images, timeout=max(0.01, remaining))
+                out = await self.backend.infer(
+                    images, timeout=max(0.01, remaining), pin=batch[0].pin
+                )
             except Exception as exc:  # delivered to every waiting request
                 for item in batch:
                     if not item.future.done():

@@ -37,3 +37,17 @@ class Metrics:
         self.rejected = Counter(
             "ssd_rejected", "Requests refused for overload", ["reason"], registry=self.registry
         )
+        self.model_version = Gauge(
+            "ssd_model_version", "The model version new requests go to", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.version_switches = Counter(
+            "ssd_model_version_switches", "Moves to another model version", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.versions_refused = Counter(
+            "ssd_model_versions_refused",
+            "New model versions refused (failed to load, inconsistent class list, failed warm-up)",
+            ["model"],
+            registry=self.registry,
+        )

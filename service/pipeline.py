@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.backends import Backend, BackendTimeout
+from service.backends import Backend, BackendTimeout, BackendUnavailable, ModelInfo
 from service.batching import BatchResult, MicroBatcher
 from service.errors import ApiError
 from service.imaging import DecodedImage, ImageLimits, decode_image
@@ -24,9 +24,20 @@ class DetectParams:
     score_threshold: float
     iou_threshold: float
     max_detections: int
-    classes: (
-        frozenset[int] | None
-    )  # contiguous labels to keep; None: all (ClassList.resolve_filter)
+    # class names or category ids to keep (None: all), resolved against the class list of the
+    # version that answers (ClassList.resolve_filter)
+    classes: tuple[str, ...] | None = None
+
+    def allowed(self, classes: ClassList) -> frozenset[int] | None:
+        if self.classes is None:
+            return None
+        try:
+            return frozenset(classes.resolve_filter(list(self.classes)))
+        except ValueError as exc:
+            raise ApiError(422, "invalid_parameter", str(exc)) from None
+
+
+MAX_VERSION_RETRIES = 3  # a request whose images were answered by two versions is re-run
 
 
 @dataclass
@@ -40,19 +51,29 @@ class Pipeline:
     dct_scaling: bool = True
 
     async def detect(self, uploads: list[bytes], params: DetectParams) -> dict:
+        """One request, from image bytes to the response body; every image of it is answered
+        by the same model version, the one the response names."""
         t0 = time.perf_counter()
+        pin = self.backend.pin()  # the version this request is admitted to (embedded backend)
         try:
+            params.allowed(self.backend.info.classes)  # an unknown class: 422 before any work
             async with asyncio.timeout(self.timeout_s):
                 images = await self._decode(uploads)
                 t_decoded = time.perf_counter()
-                results = await self.batcher.submit(
-                    [im.pixels for im in images], deadline=t0 + self.timeout_s
-                )
+                results = await self._infer([im.pixels for im in images], t0, pin)
                 t_inferred = time.perf_counter()
+                info = self.backend.info_for(results[0].candidates.version)
+                if pin is not None:
+                    info = pin.info
                 loop = asyncio.get_running_loop()
-                body = await loop.run_in_executor(self.pool, self._respond, images, results, params)
+                body = await loop.run_in_executor(
+                    self.pool, self._respond, images, results, params, info
+                )
         except TimeoutError:
             raise BackendTimeout(f"the request did not finish within {self.timeout_s} s") from None
+        finally:
+            if pin is not None:
+                self.backend.unpin(pin)
         t_done = time.perf_counter()
         timings = {
             "decode": t_decoded - t0,
@@ -66,6 +87,17 @@ class Pipeline:
         self.metrics.images.inc(len(images))
         body["timings_ms"] = {k: round(v * 1e3, 3) for k, v in timings.items()}
         return body
+
+    async def _infer(self, pixels: list[np.ndarray], t0: float, pin: object) -> list[BatchResult]:
+        """Candidates for every image, all from one version. Where the server picks the version
+        (Triton) and moved to another one between two batches of this request, the request's
+        images are run again (a switch is rare and quick; the embedded backend pins instead)."""
+        deadline = t0 + self.timeout_s
+        for _ in range(1 + MAX_VERSION_RETRIES):
+            results = await self.batcher.submit(pixels, deadline=deadline, pin=pin)
+            if len({r.candidates.version for r in results}) == 1:
+                return results
+        raise BackendUnavailable("the model version changed during the request; retry it")
 
     async def _decode(self, uploads: list[bytes]) -> list[DecodedImage]:
         loop = asyncio.get_running_loop()
@@ -84,15 +116,19 @@ class Pipeline:
         return decode_image(data, self.limits, dct_scaling=self.dct_scaling)
 
     def _respond(
-        self, images: list[DecodedImage], results: list[BatchResult], params: DetectParams
+        self,
+        images: list[DecodedImage],
+        results: list[BatchResult],
+        params: DetectParams,
+        info: ModelInfo,
     ) -> dict:
+        allowed = params.allowed(info.classes)
         pp = Postprocess(
             score_threshold=params.score_threshold,
             iou_threshold=params.iou_threshold,
             topk_per_class=REFERENCE_POSTPROCESS.topk_per_class,
             max_detections=params.max_detections,
         )
-        info = self.backend.info
         out = []
         for index, (image, result) in enumerate(zip(images, results)):
             c = result.candidates
@@ -101,7 +137,7 @@ class Pipeline:
                 c.scores[result.row],
                 c.classes[result.row],
                 pp,
-                allowed_classes=params.classes,
+                allowed_classes=allowed,
             )
             out.append(
                 {
@@ -151,3 +187,4 @@ def to_pixel_detections(
         }
         for b, s, c, cid in zip(px, scores, labels.tolist(), ids)
     ]
+

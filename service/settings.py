@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     triton_timeout_s: float = Field(5.0, gt=0)  # deadline of every Triton call
     onnx_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
     onnx_spinning: bool = False  # ONNX Runtime's intra-op threads spin after a run (README)
+    # seconds between two checks of the model repository for a new (or retired) version;
+    # 0: serve the version found at start-up only. SIGHUP checks at once.
+    model_poll_s: float = Field(5.0, ge=0)
 
     # micro-batching in front of the backend
     batch_max_size: int = Field(8, ge=1, le=256)

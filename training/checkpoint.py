@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pickle
@@ -21,6 +20,8 @@ from typing import IO, Any
 
 import torch
 from torch import nn
+
+from ssdcore.repository import file_sha256
 
 FORMAT = "ssd300-checkpoint/1"
 _PREFIXES = ("module.1.", "module.")
@@ -78,14 +79,6 @@ def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this model: {exc}") from exc
     return obj
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -20,7 +20,7 @@ from training.coco_eval import coco_evaluate
 from training.data import ignore_sigterm
 from training.data.coco import CocoEvalDataset, eval_collate
 from training.distributed import DistInfo, all_gather_objects, any_rank
-from training.served import ServedSSD, candidates_above
+from training.export.served import ServedSSD, candidates_above
 
 
 @dataclass

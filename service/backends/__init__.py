@@ -9,44 +9,85 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from service.errors import ApiError
 from ssdcore.labels import COCO, ClassList
+from ssdcore.repository import CLASSES, ModelVersion, RepositoryError
 
 log = logging.getLogger("service")
 
 
 @dataclass(frozen=True)
 class Candidates:
-    """Backend output for a batch: boxes (N, K, 4) normalised xyxy, scores (N, K), classes (N, K)."""
+    """Backend output for a batch: boxes (N, K, 4) normalised xyxy, scores (N, K), classes (N, K),
+    and the model version that produced them."""
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    version: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelInfo:
+    """One version of the served model: what a response produced by it says."""
+
     name: str
     version: str
     backend: str
     topk: int
-    random_weights: bool | None  # None: unknown (no metadata.json next to the model)
+    random_weights: bool | None  # None: unknown (no metadata next to the model)
     metadata: dict = field(default_factory=dict)
     classes: ClassList = COCO  # contiguous label -> the dataset's category id and name
 
 
+@dataclass
+class VersionsState:
+    """What ``GET /v1/models`` says about the versions (kept by each backend)."""
+
+    served: str = ""
+    present: list[str] = field(default_factory=list)
+    refused: dict | None = None  # {"version", "reason", "at"}: the last version refused
+    switched_at: float | None = None  # time.time() of the last switch
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What one check of the repository did (the follower logs it and counts it)."""
+
+    switched_to: str | None = None
+    switched_from: str | None = None
+    refused: tuple[str, str] | None = None  # (version, reason)
+
+
 class Backend(Protocol):
-    info: ModelInfo
+    info: ModelInfo  # the version new requests go to
+    versions: VersionsState
 
     async def start(self) -> None: ...
 
-    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
+    def pin(self) -> object:
+        """A handle on the version a request is admitted to (None where the server picks):
+        the request's batches all go to it, and it stays loaded until :meth:`unpin`."""
+        ...
+
+    def unpin(self, pin: object) -> None: ...
+
+    async def infer(
+        self, images: np.ndarray, timeout: float | None = None, pin: object = None
+    ) -> Candidates:
         """``timeout``: seconds the caller can still wait (a backend may not be able to abort)."""
+        ...
+
+    def info_for(self, version: str) -> ModelInfo:
+        """The info (class list above all) of the version that produced a result."""
+        ...
+
+    async def refresh(self) -> Refresh:
+        """Follow the repository: move to its newest servable version, or refuse it."""
         ...
 
     async def ready(self) -> bool: ...
@@ -64,18 +105,60 @@ class BackendTimeout(ApiError):
         super().__init__(504, "backend_timeout", message)
 
 
-def read_metadata(repo: Path, model_name: str) -> dict:
-    """metadata.json written by the export, or {} when the repository is not available here."""
-    path = repo / model_name / "metadata.json"
+def version_info(
+    version: ModelVersion,
+    backend: str,
+    topk: int,
+    counts: dict[str, int | None] | None = None,
+    embedded: str | None = None,
+) -> ModelInfo:
+    """The info of a repository version: its metadata and class list, checked against every
+    class count that sources beside it declare (``counts``: the model file's, by source) and
+    against the list ``embedded`` in the model file. RuntimeError says what disagrees."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        meta = version.metadata()
+        classes = version.classes(meta)
+    except RepositoryError as exc:
+        raise RuntimeError(str(exc)) from None
+    if embedded:
+        try:
+            inside = ClassList.from_json(json.loads(embedded))
+        except ValueError as exc:
+            raise RuntimeError(
+                f"cannot read the class list in {version.path}'s model file: {exc}"
+            ) from None
+        if inside != classes:
+            raise RuntimeError(
+                f"the class lists of {version.file(CLASSES)} and of its model file differ: "
+                "export the model and its class list together"
+            )
+    for where, n in (counts or {}).items():
+        if n is not None and n != classes.num_classes:
+            raise RuntimeError(
+                f"{version.file(CLASSES)} lists {len(classes)} classes but {where} says the "
+                f"model has {n - 1}: export the model and its class list together"
+            )
+    if meta.topk and topk and meta.topk != topk:
+        raise RuntimeError(f"{version.path}: metadata says K={meta.topk}, the model K={topk}")
+    return ModelInfo(
+        meta.name,
+        version.label,
+        backend,
+        topk or meta.topk,
+        meta.random_init,
+        meta.public(),
+        classes,
+    )
+
+
+def coco_info(name: str, version: str, backend: str, topk: int, why: str) -> ModelInfo:
+    """A model without a repository next to the gateway (Triton only): COCO's names, said."""
+    log.warning("model %r has no class list (%s): serving it as COCO's 80 classes", name, why)
+    return ModelInfo(name, version, backend, topk, None, {}, COCO)
 
 
 def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
-    """Validate model metadata against the contract (design §2); returns K.
+    """Validate model metadata against the contract (docs/design.md); returns K.
 
     inputs/outputs: [{"name", "datatype", "shape"}] with the batch dimension first (-1 or N).
     """
@@ -110,64 +193,3 @@ def declared_count(value: object, source: str) -> int | None:
     if count < 2:
         raise RuntimeError(f"{source} declares an unusable class count {value!r}")
     return count
-
-
-def load_classes(
-    repo: Path | None,
-    model_name: str,
-    counts: dict[str, int | None],
-    embedded: str | None = None,
-) -> ClassList:
-    """The served model's classes: ``<repo>/<model>/classes.json`` (written by the export), else
-    the list embedded in the model file (``embedded``, the ONNX metadata), else COCO for a model
-    of 80 classes (or of an unknown count: exports before class lists were all COCO), with a
-    warning. Anything else refuses to start: never a silent fallback to COCO's names.
-
-    ``counts``: the class counts (classes + background) that sources beside the list declare
-    (the model file, its Triton config, metadata.json written with it), by source; every one
-    must agree with the list, and an embedded list with the repository's. That catches a
-    classes.json restored by version control next to another model's files.
-    """
-    path = repo / model_name / "classes.json" if repo is not None else None
-    lists: dict[str, ClassList] = {}
-    texts = {}
-    if path is not None and path.is_file():
-        try:
-            texts[str(path)] = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RuntimeError(f"cannot read the class list {path}: {exc}") from None
-    if embedded:
-        texts[f"the metadata of model {model_name!r}"] = embedded
-    for source, text in texts.items():
-        try:
-            lists[source] = ClassList.from_json(json.loads(text))
-        except ValueError as exc:
-            raise RuntimeError(f"cannot read the class list {source}: {exc}") from None
-    if len(set(lists.values())) > 1:
-        a, b = lists
-        raise RuntimeError(
-            f"the class lists of {a} and {b} differ: export the model and its class list together"
-        )
-    known = {source: n for source, n in counts.items() if n is not None}
-    if lists:
-        source, classes = next(iter(lists.items()))
-        for where, n in known.items():
-            if n != classes.num_classes:
-                raise RuntimeError(
-                    f"{source} lists {len(classes)} classes but {where} says model "
-                    f"{model_name!r} has {n - 1}: export the model and its class list together"
-                )
-        return classes
-    if all(n == COCO.num_classes for n in known.values()):
-        log.warning(
-            "model %r has no class list (%s): serving it as COCO's 80 classes",
-            model_name,
-            f"no {path}" if path is not None else "no model repository",
-        )
-        return COCO
-    n = next(n for n in known.values() if n != COCO.num_classes)
-    raise RuntimeError(
-        f"model {model_name!r} has {n - 1} classes and no class list "
-        f"({path or 'no model repository'}): re-export it with `python -m training.export`, "
-        "which writes classes.json next to the model"
-    )

@@ -1,9 +1,18 @@
-"""The embedded backend: the exported ONNX graph in process with ONNX Runtime (CPU)."""
+"""The embedded backend: the exported ONNX graph in process with ONNX Runtime (CPU).
+
+It follows the model repository: :meth:`OnnxBackend.refresh` loads the newest version next to
+the served one (in a thread of its own, so inference goes on), checks it against the contract,
+runs a warm-up batch and only then switches. Requests pin the version they are admitted to;
+a version that is no longer served is released once its last request has finished.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +21,18 @@ import onnxruntime as ort
 from service.backends import (
     Candidates,
     ModelInfo,
+    Refresh,
+    VersionsState,
     check_contract,
     declared_count,
-    load_classes,
-    read_metadata,
+    version_info,
 )
+from ssdcore.repository import ModelStore, ModelVersion, RepositoryError
+from ssdcore.spec import SSD300, TENSOR_NAMES
 
+log = logging.getLogger("service.onnx")
 _ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32"}
+OUTPUTS = [TENSOR_NAMES.boxes, TENSOR_NAMES.scores, TENSOR_NAMES.classes]
 
 
 def _describe(args) -> list[dict]:
@@ -32,26 +46,88 @@ def _describe(args) -> list[dict]:
     ]
 
 
+@dataclass(eq=False)
+class LoadedVersion:
+    """One version in memory: its session and the requests that use it."""
+
+    info: ModelInfo
+    session: ort.InferenceSession | None
+    stamp: tuple[int, int]
+    users: int = 0
+    retired: bool = False
+
+
 class OnnxBackend:
     def __init__(
         self, repo: Path, model_name: str, threads: int = 0, spinning: bool = False
     ) -> None:
-        self.path = repo / model_name / "1" / "model.onnx"
-        self.repo = repo
+        self.store = ModelStore(Path(repo), model_name)
         self.model_name = model_name
         self.threads = threads
         self.spinning = spinning
-        self.session: ort.InferenceSession | None = None
+        self.current: LoadedVersion | None = None
+        self.versions = VersionsState()
+        self._refused: dict[int, tuple[tuple[int, int], str]] = {}  # number -> (stamp, reason)
         # one thread: ONNX Runtime parallelises inside a run; batches queue in the micro-batcher
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self.info = ModelInfo(model_name, "1", "onnxruntime", 0, None)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-load")
+        self.info = ModelInfo(model_name, "", "onnxruntime", 0, None)
+
+    # ------------------------------------------------------------------ versions
 
     async def start(self) -> None:
-        if not self.path.is_file():
+        """Serve the newest version that loads (older ones are tried when it does not)."""
+        versions = self.store.with_metadata()
+        if not versions:
             raise RuntimeError(
-                f"no model at {self.path}: export one with `python -m training.export` "
-                "(or run `make serve`, which does it)"
+                f"no model version in {self.store.path}: export one with "
+                "`python -m training.export` (or run `make serve`, which does it)"
             )
+        loop = asyncio.get_running_loop()
+        errors = []
+        for version in reversed(versions):
+            try:
+                loaded = await loop.run_in_executor(self._loader, self._load, version)
+            except RuntimeError as exc:
+                self._refuse(version, str(exc))
+                errors.append(f"version {version.number}: {exc}")
+                continue
+            self._switch(loaded)
+            return
+        raise RuntimeError(f"no version of {self.store.path} can be served: {'; '.join(errors)}")
+
+    async def refresh(self) -> Refresh:
+        newest = self.store.newest()
+        self.versions.present = [v.label for v in self.store.versions()]
+        if newest is None or self.current is None:
+            return Refresh()
+        try:
+            stamp = newest.stamp()
+        except OSError:  # removed while we looked
+            return Refresh()
+        if newest.label == self.current.info.version and stamp == self.current.stamp:
+            return Refresh()
+        if self._refused.get(newest.number, (None,))[0] == stamp:
+            return Refresh()  # refused already, unchanged since
+        loop = asyncio.get_running_loop()
+        try:
+            loaded = await loop.run_in_executor(self._loader, self._load, newest)
+        except RuntimeError as exc:
+            self._refuse(newest, str(exc))
+            return Refresh(refused=(newest.label, str(exc)))
+        old = self._switch(loaded)
+        return Refresh(switched_to=loaded.info.version, switched_from=old.info.version)
+
+    def _load(self, version: ModelVersion) -> LoadedVersion:
+        """Load, check and warm up ``version`` (in the loader thread); RuntimeError if refused."""
+        try:
+            stamp = version.stamp()
+            meta = version.verify()
+        except (OSError, RepositoryError) as exc:
+            raise RuntimeError(str(exc)) from None
+        path = version.file("model.onnx")
+        if meta.format not in ("onnx", "onnx_int8", "python"):
+            raise RuntimeError(f"{version.path} holds a {meta.format!r} model, not ONNX")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         # no arena: it keeps the largest batch's buffers forever and grows with every new shape
@@ -61,41 +137,94 @@ class OnnxBackend:
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.spinning else "0"
         )
-        loop = asyncio.get_running_loop()
-        self.session = await loop.run_in_executor(
-            self._executor,
-            lambda: ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
-            ),
-        )
-        k = check_contract(
-            _describe(self.session.get_inputs()), _describe(self.session.get_outputs())
-        )
-        meta = read_metadata(self.repo, self.model_name)
-        props = self.session.get_modelmeta().custom_metadata_map
-        counts = {
-            "the model file": declared_count(props.get("num_classes"), str(self.path)),
-            "metadata.json": declared_count(meta.get("num_classes"), "metadata.json"),
-        }
-        classes = load_classes(self.repo, self.model_name, counts, props.get("classes"))
-        self.info = ModelInfo(
-            self.model_name, "1", "onnxruntime", k, meta.get("random_init"), meta, classes
-        )
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own types for a bad file
+            raise RuntimeError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        k = check_contract(_describe(session.get_inputs()), _describe(session.get_outputs()))
+        props = session.get_modelmeta().custom_metadata_map
+        counts = {"the model file": declared_count(props.get("num_classes"), str(path))}
+        info = version_info(version, "onnxruntime", k, counts, props.get("classes"))
+        warm_up(session, info)
+        return LoadedVersion(info, session, stamp)
 
-    def _run(self, images: np.ndarray) -> Candidates:
-        boxes, scores, classes = self.session.run(
-            ["boxes", "scores", "classes"], {"images": images}
-        )
-        return Candidates(boxes, scores, classes)
+    def _switch(self, loaded: LoadedVersion) -> LoadedVersion | None:
+        old, self.current = self.current, loaded
+        self.info = loaded.info
+        self.versions.served = loaded.info.version
+        self.versions.present = [v.label for v in self.store.versions()]
+        self.versions.switched_at = time.time()
+        self._refused.pop(int(loaded.info.version), None)
+        if old is not None:
+            old.retired = True
+            self._release_if_unused(old)
+        return old
 
-    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
+    def _refuse(self, version: ModelVersion, reason: str) -> None:
+        try:
+            stamp = version.stamp()
+        except OSError:
+            stamp = (0, 0)
+        self._refused[version.number] = (stamp, reason)
+        self.versions.refused = {"version": version.label, "reason": reason, "at": time.time()}
+
+    def _release_if_unused(self, loaded: LoadedVersion) -> None:
+        if loaded.retired and loaded.users == 0 and loaded.session is not None:
+            loaded.session = None  # its memory goes back (no arena)
+            log.info("released version %s of %s", loaded.info.version, self.model_name)
+
+    # ------------------------------------------------------------------ requests
+
+    def pin(self) -> LoadedVersion:
+        loaded = self.current
+        loaded.users += 1
+        return loaded
+
+    def unpin(self, pin: LoadedVersion) -> None:
+        pin.users -= 1
+        self._release_if_unused(pin)
+
+    def info_for(self, version: str) -> ModelInfo:
+        return self.info  # never used: results carry their pinned version's info
+
+    def _run(self, images: np.ndarray, loaded: LoadedVersion) -> Candidates:
+        boxes, scores, classes = loaded.session.run(OUTPUTS, {TENSOR_NAMES.images: images})
+        return Candidates(boxes, scores, classes, loaded.info.version)
+
+    async def infer(
+        self, images: np.ndarray, timeout: float | None = None, pin: LoadedVersion | None = None
+    ) -> Candidates:
         # an ONNX Runtime run cannot be aborted; the request's own deadline still applies
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, images)
+        return await loop.run_in_executor(self._executor, self._run, images, pin or self.current)
 
     async def ready(self) -> bool:
-        return self.session is not None
+        return self.current is not None and self.current.session is not None
 
     async def close(self) -> None:
+        self._loader.shutdown(wait=True)
         self._executor.shutdown(wait=True)
-        self.session = None
+        self.current = None
+
+
+def warm_up(session: ort.InferenceSession, info: ModelInfo) -> None:
+    """One batch of a grey image through a new version before it is served: the outputs must
+    have the contract's shapes and name only classes of its list."""
+    size = SSD300.image_size
+    images = np.full((2, size, size, 3), 114, dtype=np.uint8)
+    try:
+        boxes, scores, classes = session.run(OUTPUTS, {TENSOR_NAMES.images: images})
+    except Exception as exc:
+        raise RuntimeError(f"the warm-up batch failed: {exc}") from None
+    k = info.topk
+    if boxes.shape != (2, k, 4) or scores.shape != (2, k) or classes.shape != (2, k):
+        raise RuntimeError(
+            f"the warm-up batch gave shapes {boxes.shape}, {scores.shape}, {classes.shape}"
+        )
+    if classes.size and (classes.min() < 1 or classes.max() > len(info.classes)):
+        raise RuntimeError(
+            f"the model names labels {classes.min()}..{classes.max()}; its class list has "
+            f"1..{len(info.classes)}"
+        )
+    if not np.isfinite(scores).all():
+        raise RuntimeError("the warm-up batch gave scores that are not finite")

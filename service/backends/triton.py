@@ -9,6 +9,7 @@ settings, never from a request; model metadata is checked against the contract a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -23,11 +24,14 @@ from service.backends import (
     BackendUnavailable,
     Candidates,
     ModelInfo,
+    Refresh,
+    VersionsState,
     check_contract,
-    declared_count,
-    load_classes,
-    read_metadata,
+    coco_info,
+    version_info,
 )
+from ssdcore.repository import ModelStore, ModelVersion, RepositoryError
+from ssdcore.spec import TENSOR_NAMES
 
 log = logging.getLogger("service.triton")
 
@@ -40,7 +44,8 @@ CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-OUTPUTS = ("boxes", "scores", "classes")
+OUTPUTS = (TENSOR_NAMES.boxes, TENSOR_NAMES.scores, TENSOR_NAMES.classes)
+LOAD_TIMEOUT_S = 300.0  # loading a model version on a GPU can take minutes
 
 
 def _status(exc: InferenceServerException) -> str:
@@ -48,15 +53,30 @@ def _status(exc: InferenceServerException) -> str:
 
 
 class TritonBackend:
+    """The gateway's side of a Triton server that serves the newest version of one model.
+
+    Triton runs with ``--model-control-mode=explicit`` and the model's version policy
+    ``latest: 1``. When a new version appears in the repository, :meth:`refresh` checks its
+    class list and asks Triton to load the model again: Triton loads the new version beside the
+    served one, moves requests to it once ready and unloads the old one; a version that fails to
+    load leaves the served one in place (measured with Triton 2.51: no failed request either
+    way). Every response names the version that produced it, and its classes are that
+    version's, read from the repository when the version first appears.
+    """
+
     def __init__(
         self, url: str, model_name: str, timeout_s: float, repo: Path | None = None
     ) -> None:
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
-        self.repo = repo
+        self.store = ModelStore(Path(repo), model_name) if repo is not None else None
         self.client: grpcaio.InferenceServerClient | None = None
         self.info = ModelInfo(model_name, "", "triton", 0, None)
+        self.versions = VersionsState()
+        self.topk = 0
+        self._infos: dict[str, ModelInfo] = {}
+        self._asked: dict[int, tuple[int, int]] = {}  # version -> stamp we asked Triton to load
         self._ready_cache: tuple[float, bool] = (0.0, False)
 
     async def start(self, wait_s: float = 60.0) -> None:
@@ -74,26 +94,109 @@ class TritonBackend:
         meta = await self.client.get_model_metadata(
             self.model_name, as_json=True, client_timeout=self.timeout_s
         )
-        k = check_contract(meta["inputs"], meta["outputs"])
-        extra = read_metadata(self.repo, self.model_name) if self.repo else {}
-        config = await self.client.get_model_config(
-            self.model_name, as_json=True, client_timeout=self.timeout_s
-        )
-        params = config.get("config", config).get("parameters", {})
-        counts = {
-            "its Triton config": declared_count(
-                params.get("num_classes", {}).get("string_value"), "the Triton config"
-            ),
-            "metadata.json": declared_count(extra.get("num_classes"), "metadata.json"),
-        }
-        classes = load_classes(self.repo, self.model_name, counts)
-        version = (meta.get("versions") or [""])[-1]
-        self.info = ModelInfo(
-            self.model_name, version, "triton", k, extra.get("random_init"), extra, classes
-        )
+        self.topk = check_contract(meta["inputs"], meta["outputs"])
+        try:  # refuse to start on a version whose class list cannot be trusted
+            served = await self._served_version()
+            self.info = self.info_for(served)
+        except BackendUnavailable as exc:
+            raise RuntimeError(exc.message) from None
+        self.versions.served = served
+        self.versions.present = self._present()
+        for version in self.store.with_metadata() if self.store else []:
+            with contextlib.suppress(OSError):
+                self._asked[version.number] = version.stamp()
 
-    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
-        inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
+    async def _served_version(self) -> str:
+        """The highest version Triton has READY."""
+        index = await self.client.get_model_repository_index(
+            as_json=True, client_timeout=self.timeout_s
+        )
+        ready = [
+            int(m["version"])
+            for m in index.get("models", [])
+            if m.get("name") == self.model_name
+            and m.get("state") == "READY"
+            and str(m.get("version", "")).isdigit()
+        ]
+        if not ready:
+            raise BackendUnavailable(f"no version of {self.model_name!r} is ready on Triton")
+        return str(max(ready))
+
+    def _present(self) -> list[str]:
+        return [v.label for v in self.store.versions()] if self.store else [self.versions.served]
+
+    def info_for(self, version: str) -> ModelInfo:
+        info = self._infos.get(version)
+        if info is not None:
+            return info
+        if self.store is None:
+            info = coco_info(self.model_name, version, "triton", self.topk, "no model repository")
+        elif not version.isdigit():
+            raise BackendUnavailable(f"Triton answered with an unknown version {version!r}")
+        else:
+            try:
+                info = version_info(self.store.version(int(version)), "triton", self.topk)
+            except RuntimeError as exc:
+                # never label one version's boxes with another version's names
+                raise BackendUnavailable(f"version {version} cannot be labelled: {exc}") from None
+        self._infos[version] = info
+        return info
+
+    async def refresh(self) -> Refresh:
+        self.versions.present = self._present()
+        refused = None
+        newest = self.store.newest() if self.store else None
+        if newest is not None:
+            refused = await self._offer(newest)
+        try:
+            served = await self._served_version()
+        except (InferenceServerException, BackendUnavailable):
+            return Refresh(refused=refused)
+        if served == self.versions.served:
+            return Refresh(refused=refused)
+        old = self.versions.served
+        self.info = self.info_for(served)
+        self.versions.served = served
+        self.versions.switched_at = time.time()
+        return Refresh(switched_to=served, switched_from=old, refused=refused)
+
+    async def _offer(self, version: ModelVersion) -> tuple[str, str] | None:
+        """Ask Triton to load the model again when ``version`` is new (or rewritten) on disk;
+        returns (version, reason) when it is refused, by the gateway or by Triton."""
+        try:
+            stamp = version.stamp()
+        except OSError:
+            return None
+        if self._asked.get(version.number) == stamp:
+            return None
+        self._asked[version.number] = stamp
+        self._infos.pop(version.label, None)
+        try:
+            version.verify(hashes=False)  # Triton reads the files; sizes tell a truncated one
+            self.info_for(version.label)
+        except (RepositoryError, BackendUnavailable) as exc:
+            return self._refuse(version.label, str(exc))
+        try:
+            await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
+        except InferenceServerException as exc:
+            return self._refuse(version.label, f"Triton could not load it: {exc.message()}")
+        return None
+
+    def _refuse(self, version: str, reason: str) -> tuple[str, str]:
+        self.versions.refused = {"version": version, "reason": reason, "at": time.time()}
+        self._infos.pop(version, None)
+        return version, reason
+
+    def pin(self) -> None:
+        return None  # Triton picks the version; each result says which
+
+    def unpin(self, pin: None) -> None:
+        return None
+
+    async def infer(
+        self, images: np.ndarray, timeout: float | None = None, pin: None = None
+    ) -> Candidates:
+        inp = grpcclient.InferInput(TENSOR_NAMES.images, list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
         outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
         deadline = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
@@ -117,7 +220,8 @@ class TritonBackend:
                     f"the model server is unavailable or overloaded: {message}"
                 ) from None
             raise BackendUnavailable(f"the model server failed: {message}") from None
-        return Candidates(*(result.as_numpy(n) for n in OUTPUTS))
+        version = result.get_response().model_version
+        return Candidates(*(result.as_numpy(n) for n in OUTPUTS), version=version)
 
     async def ready(self) -> bool:
         now = time.monotonic()

@@ -116,7 +116,11 @@ SMALL = [
 def overfit_run(overfit_coco, tmp_path_factory):
     """The model trained to overfit ``overfit_coco`` (25 epochs, 50 steps, no augmentation).
 
-    Returns (run folder, process). Shared by the learning test and the choice-of-K test.
+    Returns (run folder, process). Shared by the learning, choice-of-K and INT8 tests, whose
+    accuracy preconditions must hold on every CPU. The learning rate is chosen by measurement
+    over seeds (``--seed`` 0-4, AMD EPYC with AVX-512): at 0.2 (0.025 per step at batch 4) the
+    mAP spread over 0.25-0.54 and one CPU's float path gave 0.20; at 0.05 it was 0.58-0.71
+    (AP50 0.86-1.0), so the tests' bars (mAP > 0.3, AP50 >= 0.3) hold with a margin of about 2x.
     """
     out = tmp_path_factory.mktemp("overfit_run")
     proc = run_train(
@@ -135,7 +139,7 @@ def overfit_run(overfit_coco, tmp_path_factory):
             "--evaluation",
             "24",
             "--learning-rate",
-            "0.2",
+            "0.05",
             "--multistep",
             "20",
             "--save",

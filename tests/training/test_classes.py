@@ -19,8 +19,8 @@ from tests.training.conftest import job, run_train
 from training.checkpoint import read_checkpoint
 from training.data.coco import DataError, load_index
 from training.export import main as export_main
+from training.export.served import ServedSSD, candidates_above
 from training.model import build_model, calibrate_random_model
-from training.served import ServedSSD, candidates_above
 from training.synthetic import generate
 
 # non-contiguous ids, not sorted, names with spaces and accents

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from ssdcore.labels import COCO
+from ssdcore.repository import ModelStore
 from training.export import MODEL_NAMES, ExportOptions, main, triton_config
+from training.export.served import ServedSSD
 from training.model import build_model, calibrate_random_model
-from training.served import ServedSSD
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,10 +99,15 @@ def test_repository_layout_and_metadata(model_repo):
     for fmt in ("onnx", "torchscript", "python", "raw"):
         d = model_repo / MODEL_NAMES[fmt]
         assert (d / "config.pbtxt").read_text().startswith(f'name: "{MODEL_NAMES[fmt]}"')
-        assert (d / "labels.txt").read_text().splitlines() == ["background", *COCO.names]
-        assert json.loads((d / "classes.json").read_text()) == COCO.to_json()
-        meta = json.loads((d / "metadata.json").read_text())
-        assert meta["random_init"] is True and meta["topk"] == 2000
+        v = d / "1"  # a version holds its own class list and metadata
+        assert (v / "labels.txt").read_text().splitlines() == ["background", *COCO.names]
+        assert json.loads((v / "classes.json").read_text()) == COCO.to_json()
+        meta = json.loads((v / "metadata.json").read_text())
+        assert meta["random_init"] is True and meta["version"] == 1
+        assert meta["topk"] == (0 if fmt == "raw" else 2000)
+        assert set(meta["files"]) >= {"classes.json", "labels.txt"}
+        assert ModelStore(model_repo, MODEL_NAMES[fmt]).version(1).verify().format == fmt
+        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
     assert (model_repo / "ssd300_python" / "1" / "model.py").is_file()
     cfg = (model_repo / "ssd300_python" / "config.pbtxt").read_text()
     assert "max_queue_size: 64" in cfg and "timeout_action: REJECT" in cfg
@@ -112,8 +118,7 @@ def test_checked_in_configs_are_the_generated_ones(fmt):
     """model_repository/ holds the configs `python -m training.export` writes by default."""
     folder = ROOT / "model_repository" / MODEL_NAMES[fmt]
     assert (folder / "config.pbtxt").read_text() == triton_config(fmt, ExportOptions())
-    assert json.loads((folder / "classes.json").read_text()) == COCO.to_json()
-    assert (folder / "labels.txt").read_text() == COCO.labels_txt()
+    assert "version_policy: { latest: { num_versions: 1 } }" in (folder / "config.pbtxt").read_text()
 
 
 def test_refuses_without_weights(tmp_path):
@@ -143,7 +148,7 @@ def test_nvidia_checkpoint_exports(tmp_path, test_images):
     )
     repo = tmp_path / "repo"
     assert main(["--checkpoint", str(ckpt), "--output", str(repo), "--formats", "onnx"]) == 0
-    meta = json.loads((repo / "ssd300_onnx" / "metadata.json").read_text())
+    meta = json.loads((repo / "ssd300_onnx" / "1" / "metadata.json").read_text())
     assert meta["random_init"] is False and len(meta["source"]["sha256"]) == 64
     # the exported graph computes with the checkpoint's (fp16-rounded) weights
     model.load_state_dict({k[len("module.") :]: v for k, v in state.items()})
@@ -154,7 +159,9 @@ def test_nvidia_checkpoint_exports(tmp_path, test_images):
     assert_candidates_match([o[0] for o in out], [r[0] for r in ref])
 
 
-def test_ensure_skips_existing(model_repo, tmp_path):
+def test_ensure_skips_an_export_of_the_same_weights(model_repo, tmp_path):
     before = (model_repo / "ssd300_onnx" / "1" / "model.onnx").stat().st_mtime_ns
-    assert main(["--output", str(model_repo), "--formats", "onnx", "--ensure"]) == 0
+    args = ["--output", str(model_repo), "--formats", "onnx", "--ensure", "--cpu"]
+    assert main([*args, "--random-init"]) == 0
     assert (model_repo / "ssd300_onnx" / "1" / "model.onnx").stat().st_mtime_ns == before
+    assert [v.number for v in ModelStore(model_repo, "ssd300_onnx").versions()] == [1]

@@ -15,9 +15,9 @@ from training.box_coding import BoxEncoder
 from training.checkpoint import read_checkpoint
 from training.engine import param_groups, train_step
 from training.export import export_torchscript
+from training.export.served import ServedSSD
 from training.loss import MultiboxLoss
 from training.model import build_model, calibrate_random_model, smooth_noise_images
-from training.served import ServedSSD
 
 pytestmark = pytest.mark.gpu
 

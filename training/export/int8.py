@@ -27,9 +27,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from ssdcore.imaging import model_input
+from ssdcore.labels import ClassList
 from ssdcore.spec import SSD300
+from training.export.served import ServedSSD
+from training.export.writer import class_metadata, export_onnx
 
-log = logging.getLogger("quantize")
+log = logging.getLogger("export.int8")
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_IMAGES = 300
 
@@ -123,7 +126,6 @@ def quantize(fp32: Path, out: Path, images: np.ndarray, batch: int = 8) -> dict:
     seconds = time.perf_counter() - t0
     log.info("quantized %s -> %s in %.1f s on %d images", fp32.name, out, seconds, len(images))
     return {
-        "precision": "int8",
         "quantization": "static QDQ, U8 activations (asymmetric), S8 per-channel weights, Conv only",
         "calibration_method": "MinMax",
         "calibration_images": len(images),
@@ -163,3 +165,35 @@ def keep_outputs_fp32(path: Path, nodes: list[str]) -> None:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)  # the removed pairs' scales and zero points
     onnx.save(model, str(path))
+
+
+def export_int8(
+    served: ServedSSD,
+    folder: Path,
+    onnx_file: Path | None,
+    classes: ClassList,
+    calibration: Path,
+    count: int,
+) -> dict:
+    """``folder/model.onnx``: the INT8 model of the fp32 ONNX graph (this export's, or one made
+    for it); returns the calibration facts for the metadata."""
+    import onnx
+
+    fp32 = onnx_file
+    if fp32 is None:
+        fp32 = folder.parent / f"{folder.name}.fp32.onnx"
+        export_onnx(served, fp32, False, classes)
+    try:
+        facts = quantize(fp32, folder / "model.onnx", calibration_images(calibration, count))
+    finally:
+        if onnx_file is None:
+            fp32.unlink(missing_ok=True)
+    path = folder / "model.onnx"
+    proto = onnx.load(str(path))
+    kept = {p.key for p in proto.metadata_props}
+    for key, value in {**class_metadata(classes), "precision": "int8"}.items():
+        if key not in kept:
+            proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    facts["calibration_data"] = str(calibration)
+    return facts
