@@ -9,7 +9,6 @@ settings, never from a request; model metadata is checked against the contract a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ class TritonBackend:
         self.versions = VersionsState()
         self.topk = 0
         self._infos: dict[str, ModelInfo] = {}
-        self._asked: dict[int, tuple[int, int]] = {}  # version -> stamp we asked Triton to load
+        self._refused: dict[int, tuple[int, int]] = {}  # version -> its stamp when refused
         self._ready_cache: tuple[float, bool] = (0.0, False)
 
     async def start(self, wait_s: float = 60.0) -> None:
@@ -102,9 +101,6 @@ class TritonBackend:
             raise RuntimeError(exc.message) from None
         self.versions.served = served
         self.versions.present = self._present()
-        for version in self.store.with_metadata() if self.store else []:
-            with contextlib.suppress(OSError):
-                self._asked[version.number] = version.stamp()
 
     async def _served_version(self) -> str:
         """The highest version Triton has READY."""
@@ -146,7 +142,7 @@ class TritonBackend:
         self.versions.present = self._present()
         refused = None
         newest = self.store.newest() if self.store else None
-        if newest is not None:
+        if newest is not None and newest.label != self.versions.served:
             refused = await self._offer(newest)
         try:
             served = await self._served_version()
@@ -161,31 +157,35 @@ class TritonBackend:
         return Refresh(switched_to=served, switched_from=old, refused=refused)
 
     async def _offer(self, version: ModelVersion) -> tuple[str, str] | None:
-        """Ask Triton to load the model again when ``version`` is new (or rewritten) on disk;
-        returns (version, reason) when it is refused, by the gateway or by Triton."""
+        """Ask Triton to load the model again, ``version`` being the newest one on disk and not
+        the served one (a new version, or the one left after a rollback). Returns (version,
+        reason) when it is refused, by the gateway (its files or class list) or by Triton; a
+        refused version is not offered again until it is rewritten."""
         try:
             stamp = version.stamp()
         except OSError:
             return None
-        if self._asked.get(version.number) == stamp:
+        if self._refused.get(version.number) == stamp:
             return None
-        self._asked[version.number] = stamp
         self._infos.pop(version.label, None)
         try:
             version.verify(hashes=False)  # Triton reads the files; sizes tell a truncated one
             self.info_for(version.label)
         except (RepositoryError, BackendUnavailable) as exc:
-            return self._refuse(version.label, str(exc))
+            return self._refuse(version, stamp, str(exc))
         try:
             await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
         except InferenceServerException as exc:
-            return self._refuse(version.label, f"Triton could not load it: {exc.message()}")
+            return self._refuse(version, stamp, f"Triton could not load it: {exc.message()}")
         return None
 
-    def _refuse(self, version: str, reason: str) -> tuple[str, str]:
-        self.versions.refused = {"version": version, "reason": reason, "at": time.time()}
-        self._infos.pop(version, None)
-        return version, reason
+    def _refuse(
+        self, version: ModelVersion, stamp: tuple[int, int], reason: str
+    ) -> tuple[str, str]:
+        self._refused[version.number] = stamp
+        self.versions.refused = {"version": version.label, "reason": reason, "at": time.time()}
+        self._infos.pop(version.label, None)
+        return version.label, reason
 
     def pin(self) -> None:
         return None  # Triton picks the version; each result says which

@@ -1,0 +1,207 @@
+"""Model versions under load: a retrained model rolls out, a new class list comes with its
+version, a broken version is refused, and removing versions rolls back, with no failed request.
+
+Both backends, over real HTTP: the embedded one (ONNX Runtime in process) and a real tritonserver
+(explicit model control, the gateway asks it to load new versions). Every response must name the
+version that produced it and only that version's class names.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from service.settings import Settings
+from ssdcore.labels import COCO, ClassList
+from ssdcore.repository import MODEL_NAMES, ModelStore
+from tests.service.conftest import run_service, triton_settings
+from tests.service.images import encode, photo
+from tests.triton_server import running_triton
+from training.export import ExportOptions, Weights, export
+from training.model import build_model, calibrate_random_model
+
+pytestmark = pytest.mark.slow
+JPEG = encode(photo(320, 240, seed=5), "JPEG")
+PETS = ClassList((7, 8, 9), ("cat", "dog", "bird"))
+
+
+def weights(seed: int, classes: ClassList) -> Weights:
+    """Untrained ResNet-18 weights of their own (seeded), calibrated to give detections."""
+    torch.manual_seed(seed)
+    model = build_model("resnet18", num_classes=classes.num_classes)
+    calibrate_random_model(model)
+    source = {"checkpoint": f"seed-{seed}", "sha256": f"{seed:064d}", "backbone": "resnet18"}
+    return Weights(model, classes, source)
+
+
+def write_version(
+    repo: Path, fmt: str, seed: int, classes: ClassList = COCO, version: int | None = None
+) -> int:
+    meta = export(
+        repo, [fmt], weights=weights(seed, classes), opts=ExportOptions(gpu=False), version=version
+    )
+    return meta[fmt].version
+
+
+@dataclass
+class Answer:
+    start: float
+    end: float
+    status: int
+    version: str = ""
+    labels: frozenset[str] = frozenset()
+
+
+class Load:
+    """``clients`` threads posting images; records every answer."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.answers: list[Answer] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = c.post(
+                        "/v1/detect",
+                        files={"image": ("x.jpg", JPEG)},
+                        params={"score_threshold": 0.01},
+                    )
+                except httpx.HTTPError:
+                    self.answers.append(Answer(t0, time.monotonic(), -1))
+                    continue
+                answer = Answer(t0, time.monotonic(), r.status_code)
+                if r.status_code == 200:
+                    body = r.json()
+                    answer.version = body["model"]["version"]
+                    answer.labels = frozenset(d["label"] for d in body["images"][0]["detections"])
+                self.answers.append(answer)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def wait_for(self, version: str, since: float, timeout: float = 120) -> float:
+        """The time the first response naming ``version`` ended after ``since``."""
+        while time.monotonic() - since < timeout:
+            ends = [a.end for a in self.answers[-32:] if a.version == version and a.end > since]
+            if ends:
+                return min(ends)
+            time.sleep(0.05)
+        raise AssertionError(f"no response from version {version} within {timeout} s")
+
+
+def models(url: str) -> dict:
+    return httpx.get(url + "/v1/models").json()["models"][0]
+
+
+def roll_out_and_back(url: str, repo: Path, fmt: str, load: Load) -> dict:
+    """v2 (other weights), v3 (other classes), broken v4, then back to v2; returns what happened
+    and when: ``switches`` [(version, complete on disk at, its first answer ended at)]."""
+    store = ModelStore(repo, MODEL_NAMES[fmt])
+    names = {"1": set(COCO.names)}
+    load.wait_for("1", time.monotonic())
+    switches = []
+    for seed, classes in ((2, COCO), (3, PETS)):
+        number = str(write_version(repo, fmt, seed, classes))
+        complete = time.monotonic()
+        names[number] = set(classes.names)
+        switches.append((number, complete, load.wait_for(number, complete)))
+    # v4 arrives with its model file cut short (a copy that died, a full disk)
+    scratch = repo.parent / "scratch"
+    broken = write_version(scratch, fmt, 4, COCO, version=store.next_number())
+    model_file = ModelStore(scratch, store.name).version(broken).file("model.onnx")
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    ModelStore(scratch, store.name).version(broken).path.rename(store.version(broken).path)
+    deadline = time.monotonic() + 60
+    while (models(url)["versions"]["refused"] or {}).get("version") != str(broken):
+        assert time.monotonic() < deadline, models(url)
+        time.sleep(0.1)
+    time.sleep(1.0)  # answers keep coming from v3
+    store.retire(broken)
+    store.retire(3)
+    complete = time.monotonic()
+    switches.append(("2", complete, load.wait_for("2", complete)))
+    time.sleep(1.0)
+    return {"names": names, "switches": switches, "broken": str(broken)}
+
+
+def check_answers(load: Load, facts: dict) -> None:
+    answers = load.answers
+    failed = [a for a in answers if a.status != 200]
+    assert answers and not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    names = facts["names"]
+    for a in answers:  # a response's names are those of the version it names
+        assert a.version in names and a.version != facts["broken"], a
+        assert a.labels <= names[a.version], (a.version, a.labels - names[a.version])
+    assert any(a.labels & set(PETS.names) for a in answers if a.version == "3")
+    # once a switch has been answered, requests that start later (until the next version is
+    # written) never name the old version, the broken v4 included
+    switches = facts["switches"]
+    for i, (version, _, seen) in enumerate(switches):
+        until = switches[i + 1][1] if i + 1 < len(switches) else float("inf")
+        after = [a for a in answers if seen < a.start < until]
+        assert after and {a.version for a in after} == {version}, (version, len(after))
+
+
+def summary(load: Load, facts: dict) -> str:
+    took = ", ".join(f"v{v} {seen - done:.2f} s" for v, done, seen in facts["switches"])
+    return f"{len(load.answers)} requests, 0 failed; first answer from the new version after {took}"
+
+
+def test_embedded_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
+    repo = tmp_path / "repo"
+    write_version(repo, "onnx", 1)
+    settings = Settings(model_repository=repo, model_name="ssd300_onnx", model_poll_s=0.2)
+    with run_service(settings) as live, Load(live.url) as load:
+        facts = roll_out_and_back(live.url, repo, "onnx", load)
+        info = models(live.url)
+        refused = live.metric("ssd_model_versions_refused_total", model="ssd300_onnx")
+        switches = live.metric("ssd_model_version_switches_total", model="ssd300_onnx")
+    check_answers(load, facts)
+    assert info["version"] == "2" and info["versions"]["served"] == "2"
+    assert info["versions"]["present"] == ["1", "2"]
+    assert info["versions"]["refused"]["version"] == facts["broken"]
+    assert "bytes" in info["versions"]["refused"]["reason"]  # says the file is truncated
+    assert refused == 1 and switches == 3
+    figures(
+        "rollout under load, embedded backend",
+        "v2, v3 (other classes), broken v4 refused, back to v2: no failed request",
+        summary(load, facts),
+        "4 clients",
+    )
+
+
+@pytest.mark.triton
+def test_triton_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
+    repo = tmp_path / "repo"
+    write_version(repo, "python", 1)
+    with running_triton(repo, ["ssd300_python"], tmp_path / "triton.log") as server:
+        settings = triton_settings(server.grpc_url, repo, model_poll_s=0.2)
+        with run_service(settings) as live, Load(live.url) as load:
+            facts = roll_out_and_back(live.url, repo, "python", load)
+            info = models(live.url)
+    check_answers(load, facts)
+    assert info["version"] == "2" and info["versions"]["refused"]["version"] == facts["broken"]
+    figures(
+        "rollout under load, Triton backend",
+        "v2, v3 (other classes), broken v4 refused, back to v2: no failed request",
+        summary(load, facts),
+        "4 clients, tritonserver 2.51 (Python backend)",
+    )
