@@ -187,4 +187,3 @@ def to_pixel_detections(
         }
         for b, s, c, cid in zip(px, scores, labels.tolist(), ids)
     ]
-

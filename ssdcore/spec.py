@@ -7,7 +7,7 @@ tensors in the exported model. numpy-only so the gateway can import it without t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,6 @@ class TensorNames:
     classes: str = "classes"  # INT32 [N, K], contiguous labels 1..N
     raw_locs: str = "locs"  # FP32 [N, 4, 8732] (raw export only)
     raw_logits: str = "logits"  # FP32 [N, N_classes + 1, 8732] (raw export only)
-
-
-@dataclass(frozen=True)
-class Contract:
-    spec: SSD300Spec = field(default_factory=SSD300Spec)
-    names: TensorNames = field(default_factory=TensorNames)
-    postprocess: Postprocess = field(default_factory=Postprocess)
 
 
 SSD300 = SSD300Spec()

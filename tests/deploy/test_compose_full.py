@@ -13,10 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from loadtest.processes import free_port
 from tests.deploy.docker_stack import (
@@ -31,6 +33,7 @@ from tests.deploy.docker_stack import (
     write_figures,
 )
 from tests.service.images import encode, photo
+from training.model import build_model, calibrate_random_model
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
 FIGURES_FILE = ROOT / "loadtest" / "reports" / "compose_full_figures.json"
@@ -38,10 +41,6 @@ FIGURES_FILE = ROOT / "loadtest" / "reports" / "compose_full_figures.json"
 
 @pytest.fixture(scope="module")
 def folders():
-    import torch
-
-    from training.model import build_model, calibrate_random_model
-
     if not (os.environ.get("CI") or os.environ.get("SSD_COMPOSE_REQUIRED")):
         pytest.skip("make compose-test runs this (it fetches torch's CUDA wheels: GBs)")
     try:
@@ -83,7 +82,7 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
               "--wait-timeout", "600", timeout=700)  # fmt: skip
         exported = stack.inspect("export")["State"]
         assert exported["ExitCode"] == 0 and exported["Status"] == "exited"
-        meta = json.loads((repo / "ssd300_python" / "metadata.json").read_text())
+        meta = json.loads((repo / "ssd300_python" / "1" / "metadata.json").read_text())
         assert meta["random_init"] is False and meta["source"]["checkpoint"].endswith(
             "checkpoint.pt"
         )
@@ -91,6 +90,28 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
         r = httpx.post(stack.url + "/v1/detect", files={"image": ("a.jpg", image)}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["model"]["random_weights"] is False
+        assert r.json()["model"]["version"] == "1"
+        # a retrained model rolls out into the running stack: the export service writes
+        # version 2, Triton loads it when the gateway asks, and neither is restarted
+        started = {s: stack.inspect(s)["State"]["StartedAt"] for s in ("triton", "gateway")}
+        torch.manual_seed(1)
+        model = build_model()
+        calibrate_random_model(model)
+        torch.save({"model": model.state_dict()}, checkpoints / "retrained.pt")
+        (checkpoints / "retrained.pt").chmod(0o644)
+        timed("export of version 2 s", stack.compose, "run", "--rm", "--no-deps", "export",
+              "--checkpoint=/checkpoints/retrained.pt", "--output=/models", "--formats",
+              "python", timeout=900)  # fmt: skip
+        assert (repo / "ssd300_python" / "2" / "metadata.json").is_file()
+        t0 = time.monotonic()
+        version = "1"
+        while version != "2" and time.monotonic() - t0 < 120:
+            r = httpx.post(stack.url + "/v1/detect", files={"image": ("a.jpg", image)}, timeout=60)
+            assert r.status_code == 200, r.text
+            version = r.json()["model"]["version"]
+        assert version == "2", "the stack did not move to version 2"
+        FIGURES["version 2 complete -> first response from it s"] = round(time.monotonic() - t0, 1)
+        assert {s: stack.inspect(s)["State"]["StartedAt"] for s in started} == started
     finally:
         stack.compose("down", "--remove-orphans", "--timeout", "20", check=False)
         write_figures(FIGURES_FILE, "compose-full figures")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import subprocess
 import threading
 import time
@@ -19,6 +22,7 @@ from loadtest.processes import NotReady, free_port, service_command, wait_ready
 from service.app import create_app
 from service.http_server import server_config
 from service.settings import Settings
+from ssdcore.repository import METADATA, ModelVersion
 
 
 @dataclass
@@ -52,6 +56,15 @@ def triton_settings(grpc_url: str, repo: Path, **overrides) -> Settings:
     )
 
 
+def rerecord(version: ModelVersion, name: str, data: bytes) -> None:
+    """Replace a file of a published version and record it in its metadata as the export would
+    (a version put together by hand: its files pass the size and hash checks)."""
+    version.file(name).write_bytes(data)
+    meta = json.loads(version.file(METADATA).read_text())
+    meta["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    version.file(METADATA).write_text(json.dumps(meta))
+
+
 @contextlib.contextmanager
 def run_service(settings: Settings, backend=None) -> Iterator[LiveService]:
     port = free_port()
@@ -72,11 +85,15 @@ def run_service(settings: Settings, backend=None) -> Iterator[LiveService]:
         thread.join(timeout=30)
 
 
-def start_service(repo: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_service(
+    repo: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """``python -m service`` as a child process, ready; returns (process, base URL)."""
     port = free_port()
     proc = subprocess.Popen(
-        service_command(port, repo, *extra), cwd=Path(__file__).resolve().parents[2]
+        service_command(port, repo, *extra),
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,8 +13,9 @@ import pytest
 
 from service.backends.onnx import OnnxBackend
 from service.settings import Settings
-from ssdcore.labels import COCO, ClassList
-from tests.service.conftest import run_service, triton_settings
+from ssdcore.labels import ClassList
+from ssdcore.repository import ModelStore
+from tests.service.conftest import rerecord, run_service, triton_settings
 from tests.service.images import encode, photo
 from training.export import ExportOptions, export
 
@@ -57,18 +58,15 @@ def start(repo, name="ssd300_onnx"):
     return backend.info
 
 
-def test_class_list_from_the_repository_and_from_the_model_file(own_repo, tmp_path):
+def version(repo, name="ssd300_onnx"):
+    return ModelStore(repo, name).version(1)
+
+
+def test_the_class_list_is_the_versions(own_repo, tmp_path):
     assert start(own_repo).classes == OWN
     repo = copy_model(own_repo, tmp_path)
-    (repo / "ssd300_onnx" / "classes.json").unlink()  # the model file carries it too
-    assert start(repo).classes == OWN
-
-
-def test_no_class_list_and_not_80_classes_refuses_to_start(own_repo, tmp_path):
-    repo = copy_model(own_repo, tmp_path)
-    (repo / "ssd300_onnx" / "classes.json").unlink()
-    strip_onnx_classes(repo / "ssd300_onnx" / "1" / "model.onnx", keep_count=True)
-    with pytest.raises(RuntimeError, match="has 3 classes and no class list"):
+    version(repo).file("classes.json").unlink()  # a version without its list is not servable
+    with pytest.raises(RuntimeError, match=r"classes\.json is missing"):
         start(repo)
     # the real process: exits with the message, never serves COCO's names for these classes
     proc = subprocess.run(
@@ -77,39 +75,58 @@ def test_no_class_list_and_not_80_classes_refuses_to_start(own_repo, tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0 and "has 3 classes and no class list" in proc.stderr
+    assert proc.returncode != 0 and "classes.json is missing" in proc.stderr
 
 
-def test_a_class_list_that_disagrees_with_the_model_refuses_to_start(own_repo, tmp_path):
+def test_a_class_list_that_disagrees_with_the_model_is_refused(own_repo, tmp_path):
+    """Even when its files are recorded as they are (a version put together by hand)."""
     repo = copy_model(own_repo, tmp_path)
-    strip_onnx_classes(repo / "ssd300_onnx" / "1" / "model.onnx", keep_count=True)
     two = ClassList((40, 7), ("Zebra crossing", "Café table"))
-    (repo / "ssd300_onnx" / "classes.json").write_text(json.dumps(two.to_json()))
+    rerecord(version(repo), "classes.json", json.dumps(two.to_json()).encode())
     with pytest.raises(
-        RuntimeError, match="lists 2 classes but the model file says model 'ssd300_onnx' has 3"
+        RuntimeError, match=r"lists 2 classes but .*metadata.json says the model has 3"
     ):
         start(repo)
-    (repo / "ssd300_onnx" / "classes.json").write_text("{not json")
-    with pytest.raises(RuntimeError, match="cannot read the class list"):
+    rerecord(version(repo), "classes.json", b"{not json")
+    with pytest.raises(RuntimeError, match=r"classes\.json is not JSON"):
+        start(repo)
+    # the model file declares another count than its version's list and metadata
+    rerecord(version(repo), "classes.json", json.dumps(OWN.to_json()).encode())
+    model = version(repo).file("model.onnx")
+    strip_onnx_classes(model, keep_count=False)
+    proto = onnx.load(str(model))
+    proto.metadata_props.add(key="num_classes", value="3")
+    onnx.save(proto, str(model))
+    rerecord(version(repo), "model.onnx", model.read_bytes())
+    with pytest.raises(
+        RuntimeError, match="lists 3 classes but the model file says the model has 2"
+    ):
         start(repo)
 
 
-def test_a_repository_list_other_than_the_model_files_refuses_to_start(own_repo, tmp_path):
+def test_a_list_other_than_the_model_files_is_refused(own_repo, tmp_path):
     """A classes.json restored by version control next to another model's files: refused."""
     repo = copy_model(own_repo, tmp_path)
     other = ClassList((1, 2, 3), ("a", "b", "c"))  # same count, other classes
-    (repo / "ssd300_onnx" / "classes.json").write_text(json.dumps(other.to_json()))
+    rerecord(version(repo), "classes.json", json.dumps(other.to_json()).encode())
     with pytest.raises(RuntimeError, match="differ: export the model and its class list together"):
         start(repo)
 
 
-def test_an_80_class_model_without_a_list_is_coco_with_a_warning(model_repo, tmp_path, caplog):
-    repo = copy_model(model_repo, tmp_path)
-    (repo / "ssd300_onnx" / "classes.json").unlink()
-    strip_onnx_classes(repo / "ssd300_onnx" / "1" / "model.onnx", keep_count=False)
-    with caplog.at_level("WARNING", logger="service"):
-        assert start(repo).classes == COCO
-    assert "has no class list" in caplog.text and "serving it as COCO" in caplog.text
+def test_a_changed_file_is_refused_and_an_older_version_served(own_repo, tmp_path):
+    repo = copy_model(own_repo, tmp_path)
+    store = ModelStore(repo, "ssd300_onnx")
+    shutil.copytree(store.version(1).path, store.path / ".v2")
+    meta = json.loads((store.path / ".v2" / "metadata.json").read_text())
+    (store.path / ".v2" / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
+    (store.path / ".v2").rename(store.version(2).path)
+    classes = store.version(2).file("classes.json")
+    classes.write_text(json.dumps(ClassList((1, 2, 3), ("a", "b", "c")).to_json()))
+    backend = OnnxBackend(repo, "ssd300_onnx")
+    asyncio.run(backend.start())
+    assert backend.info.version == "1" and backend.info.classes == OWN
+    assert backend.versions.refused["version"] == "2"
+    assert "2/classes.json has 151 bytes, 288 were written" in backend.versions.refused["reason"]
 
 
 @pytest.mark.triton
@@ -130,10 +147,9 @@ def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
             )
             dets = r.json()["images"][0]["detections"]
             assert {d["category_id"] for d in dets} == set(OWN.ids)
-        # a gateway whose repository holds another class list than the served model: refused
+        # a gateway whose repository is not Triton's (no version 1 there): refused
         other = tmp_path / "other" / "ssd300_python"
         other.mkdir(parents=True)
-        (other / "classes.json").write_text(json.dumps(COCO.to_json()))
         backend = TritonBackend(server.grpc_url, "ssd300_python", 5.0, other.parent)
 
         async def start_and_close():
@@ -142,7 +158,7 @@ def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
             finally:
                 await backend.close()
 
-        with pytest.raises(RuntimeError, match="lists 80 classes but its Triton config says model"):
+        with pytest.raises(RuntimeError, match="version 1 cannot be labelled: cannot read"):
             asyncio.run(start_and_close())
 
 

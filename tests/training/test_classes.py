@@ -142,7 +142,7 @@ def test_own_classes_from_training_to_the_service(own_coco, tmp_path):
         )
         == 0
     )
-    assert (repo / "ssd300_onnx" / "labels.txt").read_text(encoding="utf-8").splitlines() == [
+    assert (repo / "ssd300_onnx" / "1" / "labels.txt").read_text(encoding="utf-8").splitlines() == [
         "background",
         *OWN.names,
     ]

@@ -118,7 +118,9 @@ def test_checked_in_configs_are_the_generated_ones(fmt):
     """model_repository/ holds the configs `python -m training.export` writes by default."""
     folder = ROOT / "model_repository" / MODEL_NAMES[fmt]
     assert (folder / "config.pbtxt").read_text() == triton_config(fmt, ExportOptions())
-    assert "version_policy: { latest: { num_versions: 1 } }" in (folder / "config.pbtxt").read_text()
+    assert (
+        "version_policy: { latest: { num_versions: 1 } }" in (folder / "config.pbtxt").read_text()
+    )
 
 
 def test_refuses_without_weights(tmp_path):

@@ -48,7 +48,9 @@ def int8_and_fp32_map(checkpoint: Path, data: Path, out: Path) -> tuple[float, f
     export(out, ["onnx", "onnx_int8"], checkpoint=checkpoint, opts=ExportOptions(gpu=False),
            calibration=data / "train2017", calibration_images=300)  # fmt: skip
     seconds = time.perf_counter() - t0
-    classes = ClassList.from_json(json.loads((out / "ssd300_onnx" / "classes.json").read_text()))
+    classes = ClassList.from_json(
+        json.loads((out / "ssd300_onnx" / "1" / "classes.json").read_text())
+    )
     fp32 = coco_map(out / "ssd300_onnx" / "1" / "model.onnx", data, classes)
     int8 = coco_map(out / "ssd300_onnx_int8" / "1" / "model.onnx", data, classes)
     return fp32, int8, seconds
@@ -91,8 +93,8 @@ def test_int8_export_is_a_quarter_and_serves_over_http(synthetic_coco, tmp_path)
     assert props["precision"] == "int8" and props["num_classes"] == "81"
     config = (repo / "ssd300_onnx_int8" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "KIND_CPU" in config
-    meta = json.loads((repo / "ssd300_onnx_int8" / "metadata.json").read_text())
-    assert meta["precision"] == "int8" and meta["calibration_images"] == 8
+    meta = json.loads((repo / "ssd300_onnx_int8" / "1" / "metadata.json").read_text())
+    assert meta["precision"] == "int8" and meta["extra"]["calibration_images"] == 8
     image = encode(photo(640, 480, seed=2), "JPEG")
     settings = Settings(model_repository=repo, model_name="ssd300_onnx_int8")
     with run_service(settings) as live, live.client() as c:

@@ -279,8 +279,8 @@ def test_export_checkpoint_nvidia_downloads_once_then_uses_the_cache(tmp_path, s
     assert export_main([*args, "--output", str(tmp_path / "b")]) == 0  # no network needed
     for repo in ("a", "b"):
         model_dir = tmp_path / repo / "ssd300_onnx"
-        assert json.loads((model_dir / "classes.json").read_text()) == COCO.to_json()
-        meta = json.loads((model_dir / "metadata.json").read_text())
+        assert json.loads((model_dir / "1" / "classes.json").read_text()) == COCO.to_json()
+        meta = json.loads((model_dir / "1" / "metadata.json").read_text())
         assert meta["random_init"] is False and meta["num_classes"] == 81
 
 
@@ -295,7 +295,7 @@ def test_export_bad_download_fails_or_falls_back_saying_why(tmp_path, server, mo
     assert not list((tmp_path / "home" / "hub" / "checkpoints").glob("*"))  # not cached
     repo = tmp_path / "b"
     assert export_main([*args, "--output", str(repo), "--fallback-random-init"]) == 0
-    meta = json.loads((repo / "ssd300_onnx" / "metadata.json").read_text())
+    meta = json.loads((repo / "ssd300_onnx" / "1" / "metadata.json").read_text())
     assert meta["random_init"] is True
     assert "not usable" in meta["random_init_reason"]
 
@@ -315,4 +315,4 @@ def test_export_needs_a_class_list_for_a_checkpoint_without_one(tmp_path):
     ann = own_dataset(tmp_path / "own") / "annotations" / "instances_train2017.json"
     repo = tmp_path / "b"
     assert export_main([*args, "--output", str(repo), "--classes", str(ann)]) == 0
-    assert json.loads((repo / "ssd300_onnx" / "classes.json").read_text()) == OWN.to_json()
+    assert json.loads((repo / "ssd300_onnx" / "1" / "classes.json").read_text()) == OWN.to_json()

@@ -1,6 +1,6 @@
 """The served graph: uint8 images in, top-K (box, score, class) candidates out.
 
-Everything that turns pixels into candidates happens inside the exported graph (design §2), so the
+Everything that turns pixels into candidates happens inside the exported graph (docs/design.md), so the
 wire carries 300*300*3 bytes in and K*24 bytes out per image instead of 3 MB of raw outputs:
 
     images uint8 [N, 300, 300, 3] RGB -> /255, ImageNet mean/std -> SSD300 -> box decoding with the

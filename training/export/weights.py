@@ -82,8 +82,6 @@ def random_weights(backbone: str | None, classes: ClassList | None, reason: str 
     )
 
 
-
-
 def read_class_file(path: Path) -> ClassList:
     """``--classes``: an instances JSON (its ``categories``) or a ``classes.json``."""
     try:

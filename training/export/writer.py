@@ -192,7 +192,9 @@ def write_model_files(
 def version_metadata(
     fmt: str, number: int, weights: Weights, opts: ExportOptions, extra: dict
 ) -> VersionMetadata:
-    source = {k: v for k, v in weights.source.items() if k not in ("random_init_reason", "backbone")}
+    source = {
+        k: v for k, v in weights.source.items() if k not in ("random_init_reason", "backbone")
+    }
     return VersionMetadata(
         name=MODEL_NAMES[fmt],
         format=fmt,

@@ -1,0 +1,117 @@
+"""Versions written by the export: the next number each time, atomically, kept, pruned, retired;
+``--ensure`` compares the checkpoint it is given with the one the newest version came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssdcore.labels import COCO
+from ssdcore.repository import ModelStore, file_sha256
+from training.export import main
+from training.model import build_model, calibrate_random_model
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--formats", "onnx", "--cpu", "--backbone", "resnet18"]
+
+
+def checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_model("resnet18")
+    calibrate_random_model(model)
+    torch.save({"model": model.state_dict(), "config": {"backbone": "resnet18"},
+                "classes": COCO.to_json()}, path)  # fmt: skip
+    return path
+
+
+def numbers(repo: Path, name: str = "ssd300_onnx") -> list[int]:
+    return [v.number for v in ModelStore(repo, name).versions()]
+
+
+def test_each_export_is_the_next_version_and_leaves_the_served_ones_alone(tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["--random-init", "--output", str(repo), *FAST]) == 0
+    v1 = repo / "ssd300_onnx" / "1" / "model.onnx"
+    before = (v1.stat().st_mtime_ns, file_sha256(v1))
+    a, b = checkpoint(tmp_path / "a.pt", 1), checkpoint(tmp_path / "b.pt", 2)
+    assert main(["--checkpoint", str(a), "--output", str(repo), *FAST]) == 0
+    assert main(["--checkpoint", str(b), "--output", str(repo), *FAST, "--version", "7"]) == 0
+    assert numbers(repo) == [1, 2, 7]
+    assert (v1.stat().st_mtime_ns, file_sha256(v1)) == before
+    meta = json.loads((repo / "ssd300_onnx" / "7" / "metadata.json").read_text())
+    assert meta["version"] == 7 and meta["source"]["sha256"] == file_sha256(b)
+    with pytest.raises(SystemExit, match="exists"):
+        main(["--checkpoint", str(a), "--output", str(repo), *FAST, "--version", "7"])
+    assert main(["--checkpoint", str(a), "--output", str(repo), *FAST]) == 0
+    assert numbers(repo) == [2, 7, 8]  # --keep 3 by default
+
+
+def test_keep_counts_servable_versions_only(tmp_path):
+    """A broken version never counts towards --keep, so the one a service falls back to stays."""
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    store = ModelStore(repo, "ssd300_onnx")
+    store.version(3).file("model.onnx").write_bytes(b"cut short")
+    ckpt = checkpoint(tmp_path / "a.pt", 1)
+    assert main(["--checkpoint", str(ckpt), "--output", str(repo), *FAST, "--keep", "2"]) == 0
+    assert numbers(repo) == [2, 3, 4]  # kept: 4 and 2 (servable); 3 is newer than 2
+    assert [v.number for v in store.servable()] == [2, 4]
+
+
+def test_an_export_killed_in_the_middle_leaves_no_version(tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["--random-init", "--output", str(repo), *FAST]) == 0
+    cmd = [sys.executable, "-m", "training.export", "--random-init", "--output", str(repo),
+           "--formats", "onnx", "python", "--cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model = repo / "ssd300_onnx"
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".staging-") for p in model.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # in the middle of writing the ONNX file
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert numbers(repo) == [1]
+    assert not (repo / "ssd300_python" / "2").exists()
+    # the next export clears the dead writer's folder and takes the number
+    assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert numbers(repo) == [1, 2]
+    assert [p.name for p in model.iterdir() if p.name.startswith(".")] == []
+
+
+def test_retire_rolls_back_and_refuses_to_leave_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    for _ in range(2):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert main(["--retire", "2", "--output", str(repo)]) == 0
+    assert numbers(repo) == [1]
+    assert main(["--retire", "1", "--output", str(repo)]) == 2  # the last servable one
+    assert main(["--retire", "5", "--output", str(repo)]) == 2
+    assert numbers(repo) == [1]
+
+
+def test_ensure_means_this_checkpoint_with_these_options(tmp_path):
+    repo = tmp_path / "repo"
+    a, b = checkpoint(tmp_path / "a.pt", 1), checkpoint(tmp_path / "b.pt", 2)
+    args = ["--output", str(repo), *FAST, "--ensure"]
+    assert main(["--checkpoint", str(a), *args]) == 0
+    assert main(["--checkpoint", str(a), *args]) == 0
+    assert numbers(repo) == [1]  # the same file: nothing to do
+    assert main(["--checkpoint", str(b), *args]) == 0
+    assert numbers(repo) == [1, 2]  # another checkpoint is the next version
+    assert main(["--checkpoint", str(b), *args, "--topk", "500"]) == 0
+    assert numbers(repo) == [1, 2, 3]  # other options too
+    # a truncated newest version is not "present": --ensure writes a new one
+    ModelStore(repo, "ssd300_onnx").version(3).file("model.onnx").write_bytes(b"x")
+    assert main(["--checkpoint", str(b), *args, "--topk", "500"]) == 0
+    assert numbers(repo) == [1, 2, 3, 4]  # the broken 3 does not count towards --keep
