@@ -34,8 +34,8 @@ from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS
 from tests.reference_decode import reference_decode_single
 from tests.service.images import photo
-from training.model import build_model, calibrate_random_model
 from training.export.served import ServedSSD, candidates_above
+from training.model import build_model, calibrate_random_model
 
 ALL_PAIRS = 8732 * 80
 

@@ -20,8 +20,8 @@ import torch
 from benchmarks.common import machine, median_seconds, table
 from ssdcore.spec import SSD300
 from training.export import DEFAULT_TOPK, ExportOptions, export
-from training.model import build_model, calibrate_random_model
 from training.export.served import ServedSSD
+from training.model import build_model, calibrate_random_model
 
 
 def wire_bytes(topk: int) -> list[list[object]]:

@@ -47,7 +47,9 @@ def weights(seed: int, backbone: str) -> Weights:
     torch.manual_seed(seed)
     model = build_model(backbone)
     calibrate_random_model(model)
-    return Weights(model, COCO, {"checkpoint": f"seed-{seed}", "sha256": None, "backbone": backbone})
+    return Weights(
+        model, COCO, {"checkpoint": f"seed-{seed}", "sha256": None, "backbone": backbone}
+    )
 
 
 class Load:
