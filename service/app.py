@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -197,6 +198,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     """The ASGI app. ``backend`` may be injected (tests of faults); otherwise built from settings."""
     settings = settings or Settings()
     metrics = Metrics()
+    if settings.api_key is None:
+        log.warning("no SSD_API_KEY: the API is open to every client that can reach it")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -327,6 +330,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         state.uploading += 1
         try:
             uploads = await read_uploads(request, settings.max_files)
+        except ClientDisconnect:  # the client's doing, not a server error: nginx's 499
+            metrics.rejected.labels("client_disconnected").inc()
+            log.info("client went away during its upload (request %s)", request.state.request_id)
+            raise ApiError(
+                499, "client_closed_request", "the client closed the connection mid-upload"
+            ) from None
         finally:
             state.uploading -= 1
         if state.in_flight >= settings.max_in_flight:

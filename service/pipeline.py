@@ -170,6 +170,14 @@ def to_pixel_detections(
 ) -> list[dict]:
     """Normalised xyxy -> pixel boxes of the displayed image, clipped to it; contiguous labels
     -> the model's category ids and names."""
+    if labels.size and (labels.min() < 1 or labels.max() > len(classes)):
+        # a model that names labels its class list does not have: its fault, never a 500
+        raise ApiError(
+            502,
+            "bad_model_output",
+            f"the model answered labels {labels.min()}..{labels.max()}; "
+            f"its class list has 1..{len(classes)}",
+        )
     scale = np.array([width, height, width, height], dtype=np.float64)
     px = np.clip(boxes.astype(np.float64) * scale, 0, scale)
     ids = classes.category_ids(labels).tolist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.memory import MMAP_THRESHOLD
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # memory.py); 0 keeps glibc's adaptive threshold
     mmap_threshold: int = Field(MMAP_THRESHOLD, ge=0, le=32 << 20)
 
-    # security
+    # security: the key every /v1 request must send in X-API-Key; unset or empty: no key
     api_key: SecretStr | None = None
     cors_origins: list[str] = []
 
@@ -64,3 +64,14 @@ class Settings(BaseSettings):
     score_threshold: float = Field(0.3, ge=0, le=1)
     iou_threshold: float = Field(0.5, gt=0, le=1)
     max_detections: int = Field(100, ge=1, le=1000)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        """``SSD_API_KEY=`` (what compose passes for an unset variable) means no key: an empty
+        key would otherwise refuse every request that sends one and admit those that do not."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value

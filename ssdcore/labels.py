@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 FORMAT = "ssd300-classes/1"
+MAX_CLASSES = 65_536  # far above any detection dataset; a longer list is not a class list
+MAX_CATEGORY_ID = 2**31 - 1  # COCO's ids are JSON integers; numpy holds them as int64
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 COCO_NAMES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -44,8 +47,9 @@ def fold_name(name: str) -> str:
 class ClassList:
     """Label ``i`` (1..N) is the category ``ids[i - 1]`` named ``names[i - 1]``; 0 is background.
 
-    Invariants (checked): at least one class, ids unique integers, names unique non-empty
-    strings without control characters (a newline would shift every line of ``labels.txt``).
+    Invariants (checked): 1..65,536 classes, ids unique integers in 0..2^31-1, names unique
+    non-empty strings without control characters (a newline would shift every line of
+    ``labels.txt``) or bidirectional overrides (U+202E would make a name display as another).
     """
 
     ids: tuple[int, ...]
@@ -57,13 +61,19 @@ class ClassList:
         object.__setattr__(self, "names", names)
         if not ids or len(ids) != len(names):
             raise ValueError("a class list needs at least one class and one name per id")
+        if len(ids) > MAX_CLASSES:
+            raise ValueError(f"{len(ids)} classes: at most {MAX_CLASSES}")
         for cid, name in zip(ids, names):
             if isinstance(cid, bool) or not isinstance(cid, int):
                 raise ValueError(f"category id {cid!r} is not an integer")
+            if not 0 <= cid <= MAX_CATEGORY_ID:
+                raise ValueError(f"category id {cid} is outside 0..{MAX_CATEGORY_ID}")
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"category {cid} has no name")
             if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
                 raise ValueError(f"category {cid}: name {name!r} contains control characters")
+            if _BIDI_CONTROLS.intersection(name):
+                raise ValueError(f"category {cid}: name {name!r} contains bidirectional controls")
         for what, values in (("id", ids), ("name", names)):
             seen: set = set()
             for v in values:

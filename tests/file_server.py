@@ -17,6 +17,8 @@ class Route:
     extra_length: int = 0  # announce this many bytes more than sent, then close the connection
     pieces: int = 1  # send the body in this many writes ...
     pause: float = 0.0  # ... sleeping this long before each
+    redirect: str | None = None  # answer 302 to this location instead
+    length: bool = True  # send Content-Length (False: the body ends when the connection does)
 
 
 class Server:
@@ -36,10 +38,17 @@ class Server:
                 if route is None or route.status != 200:
                     self.send_error(404 if route is None else route.status)
                     return
+                if route.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", route.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = route.body
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body) + route.extra_length))
+                if route.length:
+                    self.send_header("Content-Length", str(len(body) + route.extra_length))
                 self.end_headers()
                 step = -(-len(body) // route.pieces) or 1
                 for i in range(0, len(body), step):

@@ -31,6 +31,23 @@ log = logging.getLogger("downloads")
 CHUNK = 1 << 20
 USER_AGENT = "ssd300-downloads/1.0 (+urllib)"
 _MIN_HASH_PREFIX = 8
+# no weight file of this project is near this size (ResNet-152 is 240 MB); a server sending more
+# is not sending weights, and the disk is not filled first and the file refused afterwards
+MAX_DOWNLOAD_BYTES = 1 << 30
+SCHEMES = ("http", "https")
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) URLs only (urllib would follow one to ftp:// too)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in SCHEMES:
+            raise urllib.error.URLError(f"refusing a redirect to a {scheme or 'schemeless'} URL")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 class DownloadError(RuntimeError):
@@ -50,10 +67,15 @@ def cache_dir() -> Path:
 
 
 def cached_path(url: str) -> Path:
-    """Where the file of ``url`` lives in :func:`cache_dir`: the URL's last path component."""
-    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    """Where the file of ``url`` lives in :func:`cache_dir`: the URL's last path component.
+    DownloadError for anything but an http(s) URL that ends in a file name."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES or not parts.netloc:
+        raise DownloadError(f"{url!r} is not an http(s) URL (a local file goes in the cache "
+                            f"folder {cache_dir()}, or pass its path)")  # fmt: skip
+    name = posixpath.basename(parts.path)
     if name in ("", ".", ".."):
-        raise ValueError(f"URL has no file name: {url!r}")
+        raise DownloadError(f"the URL {url!r} names no file (it must end in the file's name)")
     return cache_dir() / name
 
 
@@ -88,19 +110,24 @@ def fetch(
     alternatives: str = "",
     progress: bool = True,
     timeout: float = 30.0,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Return the cached file of ``url``, downloading it first if it is not cached.
 
     ``what`` names the file for messages ("the ResNet-50 backbone weights"); ``verify`` is called
     with the downloaded temporary file and raises if it is unusable; ``alternatives`` is appended
-    to failure messages (e.g. ``", or pass --backbone-path FILE"``). Raises :class:`DownloadError`.
+    to failure messages (e.g. ``", or pass --backbone-path FILE"``). A file already in the cache
+    (downloaded before, or placed there by hand) gets the same checks before it is used. At most
+    ``max_bytes`` are received. Raises :class:`DownloadError`.
     """
     path = cached_path(url)
-    if path.is_file():
-        return path
 
     def fail(reason: str) -> DownloadError:
         return DownloadError(_message(what, url, reason, path, alternatives))
+
+    if path.is_file():
+        check_file(path, verify, fail, cached=True)
+        return path
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +141,7 @@ def fetch(
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                response = urllib.request.urlopen(request, timeout=timeout)
+                response = _OPENER.open(request, timeout=timeout)
             except urllib.error.HTTPError as exc:
                 exc.close()
                 raise fail(f"HTTP {exc.code} {exc.reason}") from None
@@ -124,6 +151,8 @@ def fetch(
                 raise fail(str(exc) or type(exc).__name__) from None
             with response:
                 total = _content_length(response)
+                if total is not None and total > max_bytes:
+                    raise fail(f"the server announces {total} bytes, more than {max_bytes}")
                 digest = hashlib.sha256()
                 received = 0
                 with tqdm(
@@ -145,22 +174,15 @@ def fetch(
                             ) from None
                         if not chunk:
                             break
+                        if received + len(chunk) > max_bytes:
+                            raise fail(f"more than {max_bytes} bytes: not a weights file")
                         out.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
                         bar.update(len(chunk))
         if total is not None and received != total:
             raise fail(f"truncated: got {received} of {total} bytes")
-        prefix = _hash_prefix(path.name)
-        sha256 = digest.hexdigest()
-        if prefix is not None and not sha256.startswith(prefix):
-            raise fail(f"corrupted: SHA-256 {sha256} does not start with {prefix}")
-        if verify is not None:
-            try:
-                verify(tmp)
-            except Exception as exc:
-                reason = str(exc) or type(exc).__name__
-                raise fail(f"the downloaded file is not usable: {reason}") from None
+        check_file(tmp, verify, fail, cached=False, sha256=digest.hexdigest(), name=path.name)
         os.replace(tmp, path)
     except OSError as exc:  # the local disk (full, read-only); network errors are handled above
         tmp.unlink(missing_ok=True)
@@ -170,3 +192,33 @@ def fetch(
         raise
     log.info("downloaded %s: %d bytes in %.1f s", what, received, time.monotonic() - start)
     return path
+
+
+def check_file(
+    path: Path,
+    verify: Callable[[Path], None] | None,
+    fail: Callable[[str], DownloadError],
+    cached: bool,
+    sha256: str | None = None,
+    name: str | None = None,
+) -> None:
+    """The SHA-256 prefix of a torch.hub style name, then ``verify``; ``fail(reason)`` if not."""
+    which = f"the cached file {path}" if cached else "the downloaded file"
+    prefix = _hash_prefix(name or path.name)
+    if prefix is not None:
+        if sha256 is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(CHUNK):
+                    digest.update(block)
+            sha256 = digest.hexdigest()
+        if not sha256.startswith(prefix):
+            raise fail(f"{which} is corrupted: SHA-256 {sha256} does not start with {prefix}"
+                       + (" (delete it to download it again)" if cached else ""))  # fmt: skip
+    if verify is not None:
+        try:
+            verify(path)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            hint = " (delete it, or put the right file there)" if cached else ""
+            raise fail(f"{which} is not usable: {reason}{hint}") from None

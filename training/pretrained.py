@@ -24,7 +24,7 @@ import torchvision
 
 from ssdcore.labels import COCO, ClassList, fold_name
 from training.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
-from training.downloads import fetch
+from training.downloads import DownloadError, fetch
 from training.model import SSD300
 
 log = logging.getLogger("pretrained")
@@ -65,6 +65,17 @@ def check_backbone_file(path: Path, arch: str) -> None:
         getattr(torchvision.models, arch)(weights=None).load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"not the weights of a torchvision {arch}: {str(exc)[:300]}") from None
+
+
+def local_backbone(path: Path, arch: str) -> Path:
+    """``--backbone-path``: a file that torchvision's ``arch`` loads strictly, weights only;
+    DownloadError (an ``error:`` line, no traceback) when it is not."""
+    try:
+        check_backbone_file(path, arch)
+    except Exception as exc:  # a missing file, a pickle with code in it, another ResNet, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DownloadError(f"--backbone-path {path} is not usable for {arch}: {reason}") from None
+    return path
 
 
 def fetch_backbone(arch: str, choice: str, progress: bool = True) -> Path:

@@ -59,6 +59,7 @@ from training.pretrained import (
     fetch_backbone,
     fetch_nvidia,
     load_pretrained,
+    local_backbone,
     resolve_checkpoint_arg,
 )
 
@@ -248,8 +249,10 @@ def fetch_start_weights(cfg: TrainConfig, info: D.DistInfo) -> StartWeights:
         fetch_here = lambda: StartWeights(  # noqa: E731
             pretrained=resolve_checkpoint_arg(cfg.pretrained, info.local_rank == 0)
         )
-    elif cfg.backbone_path:
-        return StartWeights(backbone=Path(cfg.backbone_path))
+    elif cfg.backbone_path:  # checked as a download would be: the right ResNet, weights only
+        fetch_here = lambda: StartWeights(  # noqa: E731
+            backbone=local_backbone(Path(cfg.backbone_path), cfg.backbone)
+        )
     elif cfg.backbone_weights == "none":
         log.warning("--backbone-weights none: the backbone starts from random weights")
         return StartWeights()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -229,6 +230,41 @@ def test_api_key(model_repo):
         ok = detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "s3cret-key"})
         assert ok.status_code == 200
         assert c.get("/livez").status_code == 200  # probes stay open
+
+
+def test_an_empty_api_key_means_no_key(model_repo, caplog):
+    """``SSD_API_KEY=`` (compose's value for an unset variable) must not invert the check."""
+    assert Settings(api_key="").api_key is None and Settings(api_key="  ").api_key is None
+    with caplog.at_level("WARNING", logger="service"):
+        settings = Settings(model_repository=model_repo, api_key="")
+        with run_service(settings) as live, live.client() as c:
+            assert detect(c, {"image": ("x.jpg", JPEG)}).status_code == 200
+            sent = detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "anything"})
+            assert sent.status_code == 200
+    assert "the API is open" in caplog.text
+
+
+def test_a_client_that_goes_away_mid_upload_is_a_499_not_a_500(service, caplog):
+    """Raw sockets: half a multipart body, then the connection closes."""
+    host, port = service.url.removeprefix("http://").split(":")
+    before = service.metric("ssd_requests_total", route="/v1/detect", status="499")
+    head = (
+        b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="image"; '
+        b'filename="x.jpg"\r\n\r\n'
+    ) + JPEG[:2000]
+    with caplog.at_level("INFO", logger="service"):
+        for _ in range(12):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(head)
+                time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while service.metric("ssd_requests_total", route="/v1/detect", status="499") < before + 12:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert service.metric("ssd_requests_total", route="/v1/detect", status="500") == 0
+    assert caplog.text.count("client went away during its upload") >= 12
+    assert "Traceback" not in caplog.text
 
 
 def test_in_flight_limit_gives_503(model_repo):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -169,3 +170,16 @@ def test_openapi_does_not_promise_coco_ids(own_repo):
         params = doc["paths"]["/v1/detect"]["post"]["parameters"]
         described = next(p for p in params if p["name"] == "classes")["description"]
         assert "COCO" not in described
+
+
+def test_a_model_naming_labels_outside_its_list_is_a_502_not_a_500():
+    """Label -1 would index the last name from the end; a label past the list would raise."""
+    from service.errors import ApiError
+    from service.pipeline import to_pixel_detections
+
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5]], np.float32)
+    for label in (-1, 0, 4):
+        with pytest.raises(ApiError) as err:
+            to_pixel_detections(boxes, np.array([0.9]), np.array([label]), 100, 100, OWN)
+        assert err.value.status == 502 and err.value.code == "bad_model_output"
+    assert to_pixel_detections(boxes, np.array([0.9]), np.array([3]), 100, 100, OWN)

@@ -48,6 +48,10 @@ def test_json_round_trip_keeps_order_accents_and_ids():
         ((1,), ("a\nb",), "control characters"),
         (("1",), ("a",), "not an integer"),
         ((), (), "at least one class"),
+        ((10**30,), ("a",), "outside 0..2147483647"),
+        ((-1,), ("a",), "outside"),
+        ((1,), ("ca\u202et",), "bidirectional controls"),
+        (tuple(range(70_000)), tuple(map(str, range(70_000))), "at most 65536"),
     ],
 )
 def test_bad_lists_are_refused(ids, names, message):

@@ -51,7 +51,7 @@ def cache_files() -> list[str]:
 def test_cached_path_is_last_component_without_query() -> None:
     url = "https://example.com/a/b/resnet50-0676ba61.pth?download=1#frag"
     assert cached_path(url) == cache_dir() / "resnet50-0676ba61.pth"
-    with pytest.raises(ValueError):
+    with pytest.raises(DownloadError, match="names no file"):
         cached_path("https://example.com/")
 
 
@@ -216,3 +216,54 @@ def test_unwritable_cache_is_a_download_error(server, weights, torch_home):
     url = server.serve(hashed_name(weights), Route(weights))
     with pytest.raises(DownloadError, match="cannot write into the cache folder"):
         fetch(url, what="the weights", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("/opt/weights/resnet50-0676ba61.pth", "not an http"),
+        ("file:///opt/resnet50-0676ba61.pth", "not an http"),
+        ("ftp://example.com/resnet50-0676ba61.pth", "not an http"),
+        ("https://example.com/weights/", "names no file"),
+    ],
+)
+def test_a_url_that_is_not_http_or_names_no_file_is_a_download_error(url, message) -> None:
+    with pytest.raises(DownloadError, match=message):
+        fetch(url, what="test weights", progress=False)
+    assert cache_files() == []  # not even an empty .part file
+
+
+def test_a_redirect_to_ftp_is_not_followed(server: Server) -> None:
+    url = server.serve("/w-12345678.pth", Route(b"", redirect="ftp://127.0.0.1/w-12345678.pth"))
+    with pytest.raises(DownloadError, match="refusing a redirect to a ftp URL"):
+        fetch(url, what="test weights", progress=False)
+    assert cache_files() == []
+
+
+def test_a_body_larger_than_the_bound_stops_there(server: Server) -> None:
+    """No Content-Length: the bound stops the body as it arrives, not after it is on disk."""
+    url = server.serve("/big.pth", Route(b"x" * (3 << 20), length=False, pieces=3))
+    with pytest.raises(DownloadError, match="more than 1048576 bytes"):
+        fetch(url, what="test weights", progress=False, max_bytes=1 << 20)
+    assert cache_files() == []
+    url = server.serve("/announced.pth", Route(b"x" * (3 << 20)))
+    with pytest.raises(DownloadError, match="announces 3145728 bytes"):
+        fetch(url, what="test weights", progress=False, max_bytes=1 << 20)
+
+
+def test_a_cached_file_is_checked_before_it_is_used(weights: bytes) -> None:
+    """A file placed by hand (or another architecture's, under the same URL) is not trusted."""
+    url = "http://127.0.0.1:1" + hashed_name(weights)
+    path = cached_path(url)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(weights[:-1] + b"!")  # same name, other bytes
+    with pytest.raises(DownloadError, match=r"cached file .* is corrupted"):
+        fetch(url, what="test weights", progress=False)
+    path.write_bytes(weights)
+    assert fetch(url, what="test weights", progress=False) == path
+
+    def other_architecture(file: Path) -> None:
+        raise ValueError("not the weights of a torchvision resnet34")
+
+    with pytest.raises(DownloadError, match=r"cached file .* is not usable: not the weights"):
+        fetch(url, what="test weights", progress=False, verify=other_architecture)

@@ -316,3 +316,41 @@ def test_export_needs_a_class_list_for_a_checkpoint_without_one(tmp_path):
     repo = tmp_path / "b"
     assert export_main([*args, "--output", str(repo), "--classes", str(ann)]) == 0
     assert json.loads((repo / "ssd300_onnx" / "1" / "classes.json").read_text()) == OWN.to_json()
+
+
+class NotWeights:
+    """Pickled as a class instance: torch.load(weights_only=True) refuses it."""
+
+
+@pytest.mark.parametrize("case", ["other ResNet", "not weights only"])
+def test_a_bad_backbone_path_is_an_error_line(synthetic_coco, tmp_path, case):
+    import torchvision
+
+    path = tmp_path / "backbone.pth"
+    if case == "other ResNet":
+        torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    else:
+        torch.save({"conv1.weight": NotWeights()}, path)
+    proc = run_train(
+        [*job(synthetic_coco, "--save", str(tmp_path / "run")), "--backbone-path", str(path)],
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"error: --backbone-path {path} is not usable for resnet18" in proc.stderr
+    # the job's own message, not a traceback (torchrun adds its summary of the failed child)
+    assert "pretrained.py" not in proc.stderr and "UnpicklingError" not in proc.stderr
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+@pytest.mark.parametrize("url", ["/opt/nvidia_ssdpyt_amp_200703.pt", "https://example.com/"])
+def test_export_with_an_unusable_checkpoint_url_fails_or_falls_back(tmp_path, monkeypatch, url):
+    monkeypatch.setenv("SSD_NVIDIA_CHECKPOINT_URL", url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    args = ["--checkpoint", "nvidia", "--formats", "onnx", "--backbone", "resnet18", "--cpu"]
+    assert export_main([*args, "--output", str(tmp_path / "a")]) == 2
+    assert not (tmp_path / "home").exists() or not list((tmp_path / "home").rglob("*.part"))
+    assert export_main([*args, "--output", str(tmp_path / "b"), "--fallback-random-init"]) == 0
+    meta = json.loads((tmp_path / "b" / "ssd300_onnx" / "1" / "metadata.json").read_text())
+    assert meta["random_init"] is True and "http" in meta["random_init_reason"]
