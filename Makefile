@@ -17,7 +17,7 @@ USERS ?= 1 4 16
 LOADTEST_SECONDS ?= 30
 LOADTEST_HOST ?=
 
-.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test clean
+.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,10 +61,15 @@ bench: install
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/gateway_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/rollout_bench.py
 
 # locust headless against the service (started here on the embedded backend unless LOADTEST_HOST)
 loadtest: install
 	$(PY) loadtest/run.py --users $(USERS) --seconds $(LOADTEST_SECONDS) $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST),)
+
+# docs/settings.md from service/settings.py (a test keeps them equal)
+docs: install
+	$(PY) -c "from service.settings import settings_markdown; open('docs/settings.md', 'w').write(settings_markdown())"
 
 # docs/reliability.md: the reliability tests and a 10-minute soak, tabulated
 reliability: install

@@ -3,6 +3,7 @@ overridden by the command-line flags of ``python -m service``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -15,55 +16,99 @@ from service.memory import MMAP_THRESHOLD
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    # backend: embedded ONNX Runtime (default, no server) or Triton over gRPC
-    backend: Literal["onnx", "triton"] = "onnx"
-    model_repository: Path = Path("model_repository")
-    model_name: str = "ssd300_onnx"  # fixed at start-up, never taken from a request
-    triton_url: str = "127.0.0.1:8001"
-    triton_timeout_s: float = Field(5.0, gt=0)  # deadline of every Triton call
-    onnx_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
-    onnx_spinning: bool = False  # ONNX Runtime's intra-op threads spin after a run (README)
-    # seconds between two checks of the model repository for a new (or retired) version;
-    # 0: serve the version found at start-up only. SIGHUP checks at once.
-    model_poll_s: float = Field(5.0, ge=0)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, description="port to listen on")
+    backend: Literal["onnx", "triton"] = Field(
+        "onnx", description="embedded ONNX Runtime (no server), or Triton over gRPC"
+    )
+    model_repository: Path = Field(
+        Path("model_repository"), description="the model repository (versions, class lists)"
+    )
+    model_name: str = Field(
+        "ssd300_onnx", description="the model to serve; fixed at start-up, never from a request"
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC address")
+    triton_timeout_s: float = Field(5.0, gt=0, description="deadline of every Triton call")
+    onnx_threads: int = Field(
+        0, ge=0, description="ONNX Runtime's intra-op threads (0: its default)"
+    )
+    onnx_spinning: bool = Field(
+        False,
+        description="ONNX Runtime's threads spin after a run (off: measured no better under "
+        "the gateway's load, and it leaves the cores to decoding)",
+    )
+    model_poll_s: float = Field(
+        5.0,
+        ge=0,
+        description="seconds between two checks of the repository for a new or retired "
+        "version (0: the version found at start-up only); SIGHUP checks at once",
+    )
 
     # micro-batching in front of the backend
-    batch_max_size: int = Field(8, ge=1, le=256)
-    batch_max_delay_ms: float = Field(5.0, ge=0)
-    backend_concurrency: int = Field(1, ge=1)  # batches in flight at the backend at once
+    batch_max_size: int = Field(8, ge=1, le=256, description="images per backend call at most")
+    batch_max_delay_ms: float = Field(
+        5.0, ge=0, description="how long an image waits for company in a batch"
+    )
+    backend_concurrency: int = Field(
+        1, ge=1, description="batches in flight at the backend at once"
+    )
 
     # limits (reliability spec §1)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_files: int = Field(16, ge=1)
-    max_pixels: int = Field(50_000_000, ge=1)
-    max_side: int = Field(16_384, ge=1)
-    max_in_flight: int = Field(64, ge=1)  # requests at inference (body received); excess: 503
-    max_uploads: int = Field(64, ge=1)  # bodies being received at once; excess gets 503
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="request body cap (413), counted on the stream"
+    )
+    max_files: int = Field(16, ge=1, description="images per request")
+    max_pixels: int = Field(50_000_000, ge=1, description="pixels per image, from its header")
+    max_side: int = Field(16_384, ge=1, description="longest side of an image")
+    max_in_flight: int = Field(
+        64, ge=1, description="requests at inference (body received); beyond: 503"
+    )
+    max_uploads: int = Field(64, ge=1, description="bodies being received at once; beyond: 503")
 
     # slow and stalled clients (reliability spec §5; service/http_server.py)
-    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
-    keep_alive_s: float = Field(5.0, gt=0)  # idle kept-alive connections closed after this
-    body_read_timeout_s: float = Field(30.0, gt=0)  # at most this long between two body reads
-    body_min_rate: int = Field(8192, ge=0)  # bytes/s on average once the grace period is over
-    body_grace_s: float = Field(10.0, ge=0)  # ... (0 rate: no rate check)
-    max_connections: int = Field(1024, ge=1)  # open connections; requests beyond get 503
-    decode_workers: int = Field(2, ge=1)
-    jpeg_dct_scaling: bool = True  # decode large JPEGs at 1/2..1/8 scale (see imaging.py)
-    request_timeout_s: float = Field(30.0, gt=0)
-    # glibc malloc: buffers above this many bytes are mapped and given back on free (see
-    # memory.py); 0 keeps glibc's adaptive threshold
-    mmap_threshold: int = Field(MMAP_THRESHOLD, ge=0, le=32 << 20)
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, description="idle kept-alive connections are closed after this"
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="at most this long between two reads of a body (408)"
+    )
+    body_min_rate: int = Field(
+        8192, ge=0, description="bytes/s a body must average once the grace period is over"
+    )
+    body_grace_s: float = Field(10.0, ge=0, description="seconds before the rate is checked")
+    max_connections: int = Field(
+        1024, ge=1, description="open connections; requests beyond get 503"
+    )
+    decode_workers: int = Field(2, ge=1, description="threads decoding and postprocessing")
+    jpeg_dct_scaling: bool = Field(
+        True, description="decode large JPEGs at 1/2..1/8 scale (service/imaging.py)"
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request (504)")
+    mmap_threshold: int = Field(
+        MMAP_THRESHOLD,
+        ge=0,
+        le=32 << 20,
+        description="glibc malloc maps buffers above this many bytes and gives them back on "
+        "free (service/memory.py); 0 keeps glibc's adaptive threshold",
+    )
 
-    # security: the key every /v1 request must send in X-API-Key; unset or empty: no key
-    api_key: SecretStr | None = None
-    cors_origins: list[str] = []
+    # security
+    api_key: SecretStr | None = Field(
+        None, description="the key every /v1 request must send in X-API-Key; unset or empty: none"
+    )
+    cors_origins: list[str] = Field(
+        [], description="origins allowed by CORS (a JSON list); off by default"
+    )
 
     # response defaults
-    score_threshold: float = Field(0.3, ge=0, le=1)
-    iou_threshold: float = Field(0.5, gt=0, le=1)
-    max_detections: int = Field(100, ge=1, le=1000)
+    score_threshold: float = Field(0.3, ge=0, le=1, description="default score threshold")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="default NMS IoU threshold")
+    max_detections: int = Field(
+        100, ge=1, le=1000, description="default detections per image at most"
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -75,3 +120,23 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every setting, its variable, default and meaning (``make docs``)."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = (
+            "unset"
+            if default is None
+            else json.dumps(str(default) if isinstance(default, Path) else default)
+        )
+        rows.append(f"| `SSD_{name.upper()}` | `{shown}` | {field.description or ''} |")
+    return (
+        "# Service settings\n\n"
+        "Environment variables of `python -m service` (the flags `--host`, `--port`,\n"
+        "`--model-repository`, `--model-name`, `--backend` and `--triton-url` override theirs).\n"
+        "Generated from `service/settings.py` by `make docs`; a test keeps the two equal.\n\n"
+        "| variable | default | what |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    )

@@ -1,0 +1,33 @@
+"""The documentation: settings generated from the code, and every relative link resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.settings import settings_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_settings_doc_is_the_generated_one():
+    assert (ROOT / "docs" / "settings.md").read_text() == settings_markdown(), "run make docs"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_resolves(doc):
+    text = doc.read_text()
+    targets = [t for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)]
+    missing = [t for t in targets if not (doc.parent / t.split("#")[0]).exists()]
+    assert not missing, missing
+
+
+def test_the_readme_stays_short_and_links_every_doc():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 260
+    for doc in DOCS[1:]:
+        assert f"](docs/{doc.name})" in readme, doc.name
