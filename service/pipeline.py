@@ -56,15 +56,19 @@ class Pipeline:
         t0 = time.perf_counter()
         pin = self.backend.pin()  # the version this request is admitted to (embedded backend)
         try:
-            params.allowed(self.backend.info.classes)  # an unknown class: 422 before any work
+            pinned = pin.info if pin is not None else self.backend.info
+            params.allowed(pinned.classes)  # an unknown class: 422 before any work
             async with asyncio.timeout(self.timeout_s):
                 images = await self._decode(uploads)
                 t_decoded = time.perf_counter()
                 results = await self._infer([im.pixels for im in images], t0, pin)
                 t_inferred = time.perf_counter()
-                info = self.backend.info_for(results[0].candidates.version)
-                if pin is not None:
-                    info = pin.info
+                # the version that answered: the pinned one, or the one Triton names
+                info = (
+                    pinned
+                    if pin is not None
+                    else self.backend.info_for(results[0].candidates.version)
+                )
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(
                     self.pool, self._respond, images, results, params, info

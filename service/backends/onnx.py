@@ -185,7 +185,8 @@ class OnnxBackend:
         self._release_if_unused(pin)
 
     def info_for(self, version: str) -> ModelInfo:
-        return self.info  # never used: results carry their pinned version's info
+        """The served version's info (the pipeline reads a pinned version's info from its pin)."""
+        return self.info
 
     def _run(self, images: np.ndarray, loaded: LoadedVersion) -> Candidates:
         boxes, scores, classes = loaded.session.run(OUTPUTS, {TENSOR_NAMES.images: images})
