@@ -54,6 +54,30 @@ def test_upload_draws_boxes(service, browser, tmp_path):
     page.close()
 
 
+def test_many_detections_list_the_strongest_and_keep_the_image_in_view(service, browser, tmp_path):
+    path = tmp_path / "street.jpg"
+    path.write_bytes(encode(photo(640, 480, seed=2), "JPEG"))
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(service.url + "/")
+    page.fill("#threshold", "0.05")
+    page.dispatch_event("#threshold", "input")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("tr.detection", timeout=30_000)
+    drawn = int(page.get_attribute("#canvas", "data-boxes"))
+    assert drawn > 20, "the random model gives many candidates at 0.05"
+    assert page.locator("tr.detection").count() == 20  # the strongest, in score order
+    assert page.inner_text("#more") == f"show all {drawn}"
+    assert page.evaluate("document.documentElement.scrollHeight") < 1600
+    page.click("#more")
+    assert page.locator("tr.detection").count() == drawn
+    page.mouse.wheel(0, 3000)  # the list scrolls in its own box; the image stays in view
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None and box["y"] + box["height"] > 0 and box["y"] < 800
+    page.click("#more")
+    assert page.locator("tr.detection").count() == 20
+    page.close()
+
+
 def test_error_is_shown(service, browser, tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_bytes(b"definitely not an image")
