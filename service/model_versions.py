@@ -1,5 +1,6 @@
 """Following the model repository: a background task that asks the backend to move to the newest
-version every ``SSD_MODEL_POLL_S`` seconds (and at once on SIGHUP), and says what happened in
+version every ``SSD_MODEL_POLL_S`` seconds (and at once on SIGHUP; on SIGHUP only when it is 0),
+and says what happened in
 the log and the metrics. The backends do the moving (``OnnxBackend.refresh`` loads the new
 version beside the served one; ``TritonBackend.refresh`` asks Triton to load it)."""
 
@@ -29,8 +30,7 @@ class VersionFollower:
 
     def start(self) -> None:
         if self.poll_s <= 0:
-            log.info("not following the model repository (SSD_MODEL_POLL_S=0)")
-            return
+            log.info("checking the model repository on SIGHUP only (SSD_MODEL_POLL_S=0)")
         self._task = asyncio.create_task(self._run(), name="version-follower")
         if threading.current_thread() is threading.main_thread():
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -60,7 +60,7 @@ class VersionFollower:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_s):
+                async with asyncio.timeout(self.poll_s if self.poll_s > 0 else None):
                     await self._wake.wait()
             self._wake.clear()
             await self.check_now()

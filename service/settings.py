@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         description="seconds between two checks of the repository for a new or retired "
-        "version (0: the version found at start-up only); SIGHUP checks at once",
+        "version (0: only on SIGHUP); SIGHUP checks at once",
     )
 
     # micro-batching in front of the backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -256,3 +257,25 @@ def test_old_versions_are_released(tmp_path, figures):
         f"(max {max(rss):.0f} MB)",
         f"{len(load.answers)} requests, 0 failed",
     )
+
+
+def test_sighup_checks_at_once(tmp_path):
+    """``SSD_MODEL_POLL_S=0``: a new version waits for SIGHUP, then is served without a restart."""
+    repo = tmp_path / "repo"
+    write_version(repo, "onnx", 1)
+    proc, url = start_service(repo, "--backend", "onnx", env={"SSD_MODEL_POLL_S": "0"})
+    try:
+        write_version(repo, "onnx", 2)
+        time.sleep(1.0)
+        assert models(url)["version"] == "1"  # no polling
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while models(url)["version"] != "2":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/detect", files={"image": ("x.jpg", JPEG)})
+        assert r.status_code == 200 and r.json()["model"]["version"] == "2"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
