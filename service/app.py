@@ -15,8 +15,9 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -243,9 +244,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         )
         app.state.in_flight = 0
         app.state.uploading = 0
+        scrape = None
+        if settings.metrics_port is not None:  # /metrics on its own port, without the key
+            scrape, _ = start_http_server(
+                settings.metrics_port, settings.host, registry=metrics.registry
+            )
+            log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
         try:
             yield
         finally:
+            if scrape is not None:
+                scrape.shutdown()
+                scrape.server_close()
             await follower.close()
             await batcher.close()
             pool.shutdown(wait=True)
@@ -256,6 +266,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         version="1.0",
         summary="Object detection with SSD300 v1.1 (ResNet backbone) on the model's own classes",
         lifespan=lifespan,
+        docs_url=None,  # served below, behind the key when SSD_OPEN_PAGES=false
+        openapi_url=None,
     )
     app.add_exception_handler(ApiError, errors.api_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
@@ -270,9 +282,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         )
 
     def require_api_key(request: Request) -> None:
+        """X-API-Key, or ``Authorization: Bearer KEY`` (what a Prometheus scrape job sends)."""
         if settings.api_key is None:
             return
-        given = request.headers.get("x-api-key", "")
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""
         expected = settings.api_key.get_secret_value()
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise ApiError(
@@ -396,13 +412,25 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         ok = pipe is not None and await pipe.backend.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_port is None:
 
-    @app.get("/", include_in_schema=False)
+        @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_api_key)])
+        async def prometheus() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    pages = [] if settings.open_pages else [Depends(require_api_key)]
+
+    @app.get("/", include_in_schema=False, dependencies=pages)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=pages)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=pages)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
     deadline = BodyDeadline(
         settings.body_read_timeout_s, settings.body_min_rate, settings.body_grace_s

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.memory import MMAP_THRESHOLD
@@ -97,7 +97,23 @@ class Settings(BaseSettings):
 
     # security
     api_key: SecretStr | None = Field(
-        None, description="the key every /v1 request must send in X-API-Key; unset or empty: none"
+        None,
+        description="the key every /v1 request (and /metrics on the service port) must send, in "
+        "X-API-Key or as `Authorization: Bearer KEY`; unset or empty: none. /livez and /readyz "
+        "never need it",
+    )
+    open_pages: bool = Field(
+        True,
+        description="the web page (/), /docs and /openapi.json answer without the API key (they "
+        "hold no data; the page sends the key its user types); false: they need the key too",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port of SSD_HOST only, without the key (the "
+        "Prometheus convention: a scrape port that a network policy opens to the monitoring "
+        "system alone); unset: /metrics on the service port, behind the API key when one is set",
     )
     cors_origins: list[str] = Field(
         [], description="origins allowed by CORS (a JSON list); off by default"
@@ -120,6 +136,12 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("SSD_METRICS_PORT must differ from SSD_PORT")
+        return self
 
 
 def settings_markdown() -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loadtest.processes import free_port
 from service.settings import Settings
 from tests.service.conftest import run_service
 from tests.service.images import encode, photo, png_header_only, with_exif_orientation
@@ -229,7 +230,41 @@ def test_api_key(model_repo):
         assert_error(detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "wrong"}), 401)
         ok = detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "s3cret-key"})
         assert ok.status_code == 200
+        bearer = {"Authorization": "Bearer s3cret-key"}  # what a Prometheus scrape job sends
+        assert detect(c, {"image": ("x.jpg", JPEG)}, headers=bearer).status_code == 200
         assert c.get("/livez").status_code == 200  # probes stay open
+        assert c.get("/readyz").status_code == 200
+        assert_error(c.get("/v1/models"), 401, "unauthorized")
+        assert_error(c.get("/metrics"), 401, "unauthorized")
+        assert_error(c.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)
+        assert "ssd_requests_total" in c.get("/metrics", headers=bearer).text
+        assert c.get("/metrics", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        for page in ("/", "/docs", "/openapi.json"):  # open by default: they hold no data
+            assert c.get(page).status_code == 200, page
+
+
+def test_pages_behind_the_key_and_metrics_on_their_own_port(model_repo):
+    scrape_port = free_port()
+    settings = Settings(
+        model_repository=model_repo, api_key="k3y", open_pages=False, metrics_port=scrape_port
+    )
+    with run_service(settings) as live, live.client() as c:
+        for page in ("/", "/docs", "/openapi.json"):
+            assert_error(c.get(page), 401, "unauthorized")
+            assert c.get(page, headers={"X-API-Key": "k3y"}).status_code == 200, page
+        assert "/v1/detect" in c.get("/openapi.json", headers={"X-API-Key": "k3y"}).json()["paths"]
+        assert (
+            detect(c, {"image": ("x.jpg", JPEG)}, headers={"X-API-Key": "k3y"}).status_code == 200
+        )
+        # the service port has no /metrics; the scrape port has it, without the key
+        assert_error(c.get("/metrics", headers={"X-API-Key": "k3y"}), 404)
+        scraped = httpx.get(f"http://127.0.0.1:{scrape_port}/metrics", timeout=10)
+        assert scraped.status_code == 200
+        assert 'ssd_requests_total{route="/v1/detect",status="200"} 1.0' in scraped.text
+    with pytest.raises(httpx.ConnectError):  # closed with the service
+        httpx.get(f"http://127.0.0.1:{scrape_port}/metrics", timeout=5)
+    with pytest.raises(ValueError, match="SSD_METRICS_PORT must differ"):
+        Settings(port=9000, metrics_port=9000)
 
 
 def test_an_empty_api_key_means_no_key(model_repo, caplog):
