@@ -111,6 +111,7 @@ def fetch(
     progress: bool = True,
     timeout: float = 30.0,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
+    sha256: str | None = None,
 ) -> Path:
     """Return the cached file of ``url``, downloading it first if it is not cached.
 
@@ -118,7 +119,8 @@ def fetch(
     with the downloaded temporary file and raises if it is unusable; ``alternatives`` is appended
     to failure messages (e.g. ``", or pass --backbone-path FILE"``). A file already in the cache
     (downloaded before, or placed there by hand) gets the same checks before it is used. At most
-    ``max_bytes`` are received. Raises :class:`DownloadError`.
+    ``max_bytes`` are received. ``sha256``, where the file's name carries no hash prefix, pins
+    its full SHA-256 (downloaded and cached alike). Raises :class:`DownloadError`.
     """
     path = cached_path(url)
 
@@ -126,7 +128,7 @@ def fetch(
         return DownloadError(_message(what, url, reason, path, alternatives))
 
     if path.is_file():
-        check_file(path, verify, fail, cached=True)
+        check_file(path, verify, fail, cached=True, expected_sha256=sha256)
         return path
 
     try:
@@ -182,7 +184,15 @@ def fetch(
                         bar.update(len(chunk))
         if total is not None and received != total:
             raise fail(f"truncated: got {received} of {total} bytes")
-        check_file(tmp, verify, fail, cached=False, sha256=digest.hexdigest(), name=path.name)
+        check_file(
+            tmp,
+            verify,
+            fail,
+            cached=False,
+            sha256=digest.hexdigest(),
+            name=path.name,
+            expected_sha256=sha256,
+        )
         os.replace(tmp, path)
     except OSError as exc:  # the local disk (full, read-only); network errors are handled above
         tmp.unlink(missing_ok=True)
@@ -190,7 +200,13 @@ def fetch(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    log.info("downloaded %s: %d bytes in %.1f s", what, received, time.monotonic() - start)
+    log.info(
+        "downloaded %s: %d bytes in %.1f s, SHA-256 %s",
+        what,
+        received,
+        time.monotonic() - start,
+        digest.hexdigest(),
+    )
     return path
 
 
@@ -201,10 +217,12 @@ def check_file(
     cached: bool,
     sha256: str | None = None,
     name: str | None = None,
+    expected_sha256: str | None = None,
 ) -> None:
-    """The SHA-256 prefix of a torch.hub style name, then ``verify``; ``fail(reason)`` if not."""
+    """The SHA-256 prefix of a torch.hub style name (or the whole ``expected_sha256``), then
+    ``verify``; ``fail(reason)`` if not."""
     which = f"the cached file {path}" if cached else "the downloaded file"
-    prefix = _hash_prefix(name or path.name)
+    prefix = expected_sha256.strip().lower() if expected_sha256 else _hash_prefix(name or path.name)
     if prefix is not None:
         if sha256 is None:
             digest = hashlib.sha256()
@@ -213,7 +231,8 @@ def check_file(
                     digest.update(block)
             sha256 = digest.hexdigest()
         if not sha256.startswith(prefix):
-            raise fail(f"{which} is corrupted: SHA-256 {sha256} does not start with {prefix}"
+            wanted = f"is not {prefix}" if expected_sha256 else f"does not start with {prefix}"
+            raise fail(f"{which} is corrupted: SHA-256 {sha256} {wanted}"
                        + (" (delete it to download it again)" if cached else ""))  # fmt: skip
     if verify is not None:
         try:

@@ -5,7 +5,9 @@ COCO checkpoint, or any detection checkpoint transferred onto a dataset's own cl
   file of the weights API, in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded
   once. ``SSD_BACKBONE_WEIGHTS_URL`` replaces its URL (mirrors, tests).
 - ``nvidia``: ``nvidia_ssdpyt_amp_200703.pt`` from NGC (``SSD_NVIDIA_CHECKPOINT_URL`` replaces
-  the URL), in the same cache. Its classes are COCO's.
+  the URL), in the same cache. Its classes are COCO's. Its file name carries no hash: the download
+  logs the file's SHA-256, the export records it, and ``SSD_NVIDIA_CHECKPOINT_SHA256`` pins it
+  (the download and the cached file are both checked against it).
 - :func:`transfer`: every tensor whose name and shape match is kept; the class heads are
   re-initialised when the class lists differ, and the rows of classes with the same name (and
   the background's) are copied over.
@@ -113,6 +115,7 @@ def fetch_nvidia(progress: bool = True) -> Path:
         verify=_check_detection_checkpoint,
         alternatives=", or pass the path of a checkpoint file instead of 'nvidia'",
         progress=progress,
+        sha256=os.environ.get("SSD_NVIDIA_CHECKPOINT_SHA256") or None,
     )
 
 

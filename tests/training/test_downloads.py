@@ -267,3 +267,30 @@ def test_a_cached_file_is_checked_before_it_is_used(weights: bytes) -> None:
 
     with pytest.raises(DownloadError, match=r"cached file .* is not usable: not the weights"):
         fetch(url, what="test weights", progress=False, verify=other_architecture)
+
+
+def test_a_pinned_sha256_checks_a_file_whose_name_has_no_hash(
+    server: Server, weights: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NVIDIA's file name carries no hash: ``SSD_NVIDIA_CHECKPOINT_SHA256`` pins the whole digest,
+    for the download and for the cached file (placed by hand, or from another URL's bytes)."""
+    import hashlib
+
+    from training import pretrained
+
+    url = server.serve("/nvidia_ssdpyt_amp_200703.pt", Route(weights))
+    good = hashlib.sha256(weights).hexdigest()
+    monkeypatch.setenv("SSD_NVIDIA_CHECKPOINT_URL", url)
+    monkeypatch.setattr(pretrained, "_check_detection_checkpoint", lambda path: None)
+    monkeypatch.setenv("SSD_NVIDIA_CHECKPOINT_SHA256", "0" * 64)
+    with pytest.raises(DownloadError, match=f"SHA-256 {good} is not 0000"):
+        pretrained.fetch_nvidia(progress=False)
+    assert cache_files() == []  # nothing kept
+    monkeypatch.setenv("SSD_NVIDIA_CHECKPOINT_SHA256", good.upper())
+    path = pretrained.fetch_nvidia(progress=False)
+    assert path.read_bytes() == weights
+    path.write_bytes(weights[:-1] + b"!")  # the cached file changed under the same name
+    with pytest.raises(DownloadError, match=r"cached file .* is corrupted: SHA-256 .* is not"):
+        pretrained.fetch_nvidia(progress=False)
+    monkeypatch.delenv("SSD_NVIDIA_CHECKPOINT_SHA256")  # unpinned: only the content check
+    assert pretrained.fetch_nvidia(progress=False) == path
