@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: these builds are the ones the project is tested with
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 "numpy>=1.26,<2"
-	$(PIP) install -q -e ".[serve,train,dev]"
+	$(PIP) install -q -e ".[serve,openvino,train,dev]"
 	touch $@
 
 install: $(STAMP)

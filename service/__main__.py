@@ -1,4 +1,4 @@
-"""python -m service --host H --port P --model-repository DIR [--backend onnx|triton] [--triton-url URL]
+"""python -m service --host H --port P --model-repository DIR [--backend onnx|openvino|triton] [--triton-url URL]
 
 Flags override the settings, which come from environment variables prefixed SSD_.
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int)
     p.add_argument("--model-repository")
     p.add_argument("--model-name")
-    p.add_argument("--backend", choices=["onnx", "triton"])
+    p.add_argument("--backend", choices=["onnx", "openvino", "triton"])
     p.add_argument("--triton-url")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)

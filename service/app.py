@@ -77,6 +77,15 @@ def build_backend(settings: Settings) -> Backend:
             settings.triton_timeout_s,
             settings.model_repository,
         )
+    if settings.backend == "openvino":
+        from service.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(
+            settings.model_repository,
+            settings.model_name,
+            settings.openvino_threads,
+            settings.openvino_precision,
+        )
     from service.backends.onnx import OnnxBackend
 
     return OnnxBackend(
@@ -379,6 +388,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     "name": info.name,
                     "version": info.version,
                     "backend": info.backend,
+                    "engine": info.engine,
                     "candidates_per_image": info.topk,
                     "random_weights": info.random_weights,
                     "random_weights_reason": info.metadata.get("random_init_reason"),

@@ -18,8 +18,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, description="port to listen on")
-    backend: Literal["onnx", "triton"] = Field(
-        "onnx", description="embedded ONNX Runtime (no server), or Triton over gRPC"
+    backend: Literal["onnx", "openvino", "triton"] = Field(
+        "onnx",
+        description="embedded ONNX Runtime or OpenVINO (no server; both serve the model's ONNX "
+        "file), or Triton over gRPC",
     )
     model_repository: Path = Field(
         Path("model_repository"), description="the model repository (versions, class lists)"
@@ -36,6 +38,14 @@ class Settings(BaseSettings):
         False,
         description="ONNX Runtime's threads spin after a run (off: measured no better under "
         "the gateway's load, and it leaves the cores to decoding)",
+    )
+    openvino_threads: int = Field(
+        0, ge=0, description="OpenVINO's inference threads (0: its default, one per core)"
+    )
+    openvino_precision: Literal["f32", "bf16"] = Field(
+        "f32",
+        description="OpenVINO's inference precision for the fp32 parts of the graph: bf16 where "
+        "the CPU has it (AVX512_BF16 or AMX; otherwise f32, said in the log and /v1/models)",
     )
     model_poll_s: float = Field(
         5.0,

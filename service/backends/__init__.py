@@ -1,7 +1,8 @@
 """Model backends: anything that turns a uint8 [N, 300, 300, 3] batch into top-K candidates.
 
-``onnx.py`` runs the exported graph in process (the embedded default); ``triton.py`` is the only
-module that imports tritonclient. Both check the model against the contract at start-up.
+``onnx.py`` runs the exported graph in process with ONNX Runtime (the embedded default),
+``openvino.py`` with OpenVINO (the only module that imports openvino); ``triton.py`` is the only
+module that imports tritonclient. Each checks the model against the contract at start-up.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ModelInfo:
     random_weights: bool | None  # None: unknown (no metadata next to the model)
     metadata: dict = field(default_factory=dict)
     classes: ClassList = COCO  # contiguous label -> the dataset's category id and name
+    engine: dict = field(default_factory=dict)  # the embedded engine: name, version, precision
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The embedded backend: the exported ONNX graph in process with ONNX Runtime (CPU).
 
-It follows the model repository: :meth:`OnnxBackend.refresh` loads the newest version next to
+:class:`OnnxBackend` keeps the versions; the engine that runs a version's file is
+:meth:`OnnxBackend.open_engine` (ONNX Runtime here, OpenVINO in ``openvino.py``). It follows the model repository: :meth:`OnnxBackend.refresh` loads the newest version next to
 the served one (in a thread of its own, so inference goes on), checks it against the contract,
 runs a warm-up batch and only then switches. Requests pin the version they are admitted to;
 a version that is no longer served is released once its last request has finished.
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +47,59 @@ def _describe(args) -> list[dict]:
     ]
 
 
+class Engine:
+    """One model file loaded by an inference engine: what the backends need of it."""
+
+    inputs: list[dict]  # [{"name", "datatype", "shape"}] as check_contract reads them
+    outputs: list[dict]
+    props: dict[str, str]  # the file's metadata (num_classes, classes)
+    facts: dict  # what GET /v1/models says of the engine
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """boxes, scores, classes of a uint8 [N, 300, 300, 3] batch (one thread at a time)."""
+        raise NotImplementedError
+
+
+class OrtEngine(Engine):
+    def __init__(self, path: Path, threads: int, spinning: bool) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # no arena: it keeps the largest batch's buffers forever and grows with every new shape
+        options.enable_cpu_mem_arena = False
+        # ONNX Runtime's threads spin after each run by default, taking the cores from the
+        # decoding beside it (SSD_ONNX_SPINNING; README: measured under the gateway's load)
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ONNX Runtime raises its own types for a bad file
+            raise RuntimeError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        self.inputs = _describe(self.session.get_inputs())
+        self.outputs = _describe(self.session.get_outputs())
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.facts = {"name": "onnxruntime", "version": ort.__version__, "threads": threads}
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.session.run(OUTPUTS, {TENSOR_NAMES.images: images}))
+
+
 @dataclass(eq=False)
 class LoadedVersion:
-    """One version in memory: its session and the requests that use it."""
+    """One version in memory: its engine and the requests that use it."""
 
     info: ModelInfo
-    session: ort.InferenceSession | None
+    session: Engine | None
     stamp: tuple[int, int]
     users: int = 0
     retired: bool = False
 
 
 class OnnxBackend:
+    engine_name = "onnxruntime"
+
     def __init__(
         self, repo: Path, model_name: str, threads: int = 0, spinning: bool = False
     ) -> None:
@@ -71,7 +113,11 @@ class OnnxBackend:
         # one thread: ONNX Runtime parallelises inside a run; batches queue in the micro-batcher
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-load")
-        self.info = ModelInfo(model_name, "", "onnxruntime", 0, None)
+        self.info = ModelInfo(model_name, "", self.engine_name, 0, None)
+
+    def open_engine(self, path: Path) -> Engine:
+        """The engine that runs ``path`` (RuntimeError if it cannot load it)."""
+        return OrtEngine(path, self.threads, self.spinning)
 
     # ------------------------------------------------------------------ versions
 
@@ -128,25 +174,14 @@ class OnnxBackend:
         path = version.file("model.onnx")
         if meta.format not in ("onnx", "onnx_int8", "python"):
             raise RuntimeError(f"{version.path} holds a {meta.format!r} model, not ONNX")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        # no arena: it keeps the largest batch's buffers forever and grows with every new shape
-        options.enable_cpu_mem_arena = False
-        # ONNX Runtime's threads spin after each run by default, taking the cores from the
-        # decoding beside it (SSD_ONNX_SPINNING; README: measured under the gateway's load)
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
-        )
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ONNX Runtime raises its own types for a bad file
-            raise RuntimeError(f"ONNX Runtime cannot load {path}: {exc}") from None
-        k = check_contract(_describe(session.get_inputs()), _describe(session.get_outputs()))
-        props = session.get_modelmeta().custom_metadata_map
+        engine = self.open_engine(path)
+        k = check_contract(engine.inputs, engine.outputs)
+        props = engine.props
         counts = {"the model file": declared_count(props.get("num_classes"), str(path))}
-        info = version_info(version, "onnxruntime", k, counts, props.get("classes"))
-        warm_up(session, info)
-        return LoadedVersion(info, session, stamp)
+        info = version_info(version, self.engine_name, k, counts, props.get("classes"))
+        info = replace(info, engine=engine.facts)
+        warm_up(engine, info)
+        return LoadedVersion(info, engine, stamp)
 
     def _switch(self, loaded: LoadedVersion) -> LoadedVersion | None:
         old, self.current = self.current, loaded
@@ -189,7 +224,7 @@ class OnnxBackend:
         return self.info
 
     def _run(self, images: np.ndarray, loaded: LoadedVersion) -> Candidates:
-        boxes, scores, classes = loaded.session.run(OUTPUTS, {TENSOR_NAMES.images: images})
+        boxes, scores, classes = loaded.session.run(images)
         return Candidates(boxes, scores, classes, loaded.info.version)
 
     async def infer(
@@ -208,13 +243,13 @@ class OnnxBackend:
         self.current = None
 
 
-def warm_up(session: ort.InferenceSession, info: ModelInfo) -> None:
+def warm_up(engine: Engine, info: ModelInfo) -> None:
     """One batch of a grey image through a new version before it is served: the outputs must
     have the contract's shapes and name only classes of its list."""
     size = SSD300.image_size
     images = np.full((2, size, size, 3), 114, dtype=np.uint8)
     try:
-        boxes, scores, classes = session.run(OUTPUTS, {TENSOR_NAMES.images: images})
+        boxes, scores, classes = engine.run(images)
     except Exception as exc:
         raise RuntimeError(f"the warm-up batch failed: {exc}") from None
     k = info.topk

@@ -18,6 +18,15 @@ from tests.service.conftest import run_service
 from tests.service.images import encode, photo, png_header_only, with_exif_orientation
 
 JPEG = encode(photo(), "JPEG")
+ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def service(request, model_repo):
+    """The API's tests run on both embedded engines (the same exported ONNX file)."""
+    settings = Settings(model_repository=model_repo, backend=request.param)
+    with run_service(settings) as live:
+        yield live
 
 
 def detect(client: httpx.Client, files=None, params=None, **kw) -> httpx.Response:
@@ -42,7 +51,7 @@ def test_detect_multipart(service):
     assert body["model"] == {
         "name": "ssd300_onnx",
         "version": "1",
-        "backend": "onnxruntime",
+        "backend": ENGINES[service.settings.backend],
         "random_weights": True,
     }
     (image,) = body["images"]
@@ -203,6 +212,11 @@ def test_probes_models_docs(service):
         assert c.get("/readyz").json() == {"ready": True}
         model = c.get("/v1/models").json()["models"][0]
         assert model["random_weights"] is True and model["candidates_per_image"] == 2000
+        engine = model["engine"]
+        assert engine["name"] == model["backend"] == ENGINES[service.settings.backend]
+        assert engine["version"] and engine["threads"] >= 0
+        if engine["name"] == "openvino":
+            assert engine["precision"] == "f32" and engine["threads"] >= 1
         assert "/v1/detect" in c.get("/openapi.json").json()["paths"]
         assert c.get("/docs").status_code == 200
         assert "SSD300" in c.get("/").text

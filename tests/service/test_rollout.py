@@ -168,10 +168,13 @@ def summary(load: Load, facts: dict) -> str:
     return f"{len(load.answers)} requests, 0 failed; first answer from the new version after {took}"
 
 
-def test_embedded_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_embedded_backend_rolls_out_refuses_and_rolls_back(engine, tmp_path, figures):
     repo = tmp_path / "repo"
     write_version(repo, "onnx", 1)
-    settings = Settings(model_repository=repo, model_name="ssd300_onnx", model_poll_s=0.2)
+    settings = Settings(
+        model_repository=repo, model_name="ssd300_onnx", model_poll_s=0.2, backend=engine
+    )
     with run_service(settings) as live, Load(live.url) as load:
         facts = roll_out_and_back(live.url, repo, "onnx", load)
         info = models(live.url)
@@ -184,7 +187,7 @@ def test_embedded_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
     assert "bytes" in info["versions"]["refused"]["reason"]  # says the file is truncated
     assert refused == 1 and switches == 3
     figures(
-        "rollout under load, embedded backend",
+        f"rollout under load, embedded backend ({engine})",
         "v2, v3 (other classes), broken v4 refused, back to v2: no failed request",
         summary(load, facts),
         "4 clients",
@@ -227,7 +230,8 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_old_versions_are_released(tmp_path, figures):
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_old_versions_are_released(engine, tmp_path, figures):
     """After 10 rollouts (two sets of weights in turn) the service's resident memory stays
     within 1.3x of what it was after the first: every replaced session is freed."""
     scratch, repo = tmp_path / "scratch", tmp_path / "repo"
@@ -235,7 +239,7 @@ def test_old_versions_are_released(tmp_path, figures):
                for s in (1, 2)]  # fmt: skip
     store = ModelStore(repo, "ssd300_onnx")
     copy_version(sources[0], store, 1)
-    proc, url = start_service(repo, "--backend", "onnx", env={"SSD_MODEL_POLL_S": "0.2"})
+    proc, url = start_service(repo, "--backend", engine, env={"SSD_MODEL_POLL_S": "0.2"})
     try:
         with Load(url, clients=2) as load:
             rss = []
@@ -251,7 +255,7 @@ def test_old_versions_are_released(tmp_path, figures):
     assert not [a for a in load.answers if a.status != 200]
     assert rss[-1] <= 1.3 * rss[0], rss
     figures(
-        "memory over 10 rollouts, embedded backend",
+        f"memory over 10 rollouts, embedded backend ({engine})",
         "RSS after the 10th within 1.3x of after the first",
         f"RSS {rss[0]:.0f} MB after the first, {rss[-1]:.0f} MB after the 10th "
         f"(max {max(rss):.0f} MB)",
