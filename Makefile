@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 CHECKPOINT ?=
 REPO ?= model_repository
+BACKEND ?= onnx
 STAMP := $(VENV)/.installed
 
 USERS ?= 1 4 16
@@ -53,7 +54,7 @@ model: install
 	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--checkpoint nvidia --fallback-random-init)
 
 serve: model
-	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(REPO) --backend onnx
+	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(REPO) --backend $(BACKEND)
 
 bench: install
 	$(PY) benchmarks/postprocess_bench.py

@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -18,6 +19,21 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def cpu_flags() -> str:
+    """The CPU's flags that decide inference speed (vector width, int8 dot products, bf16)."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = set(text.split("flags", 1)[1].split("\n", 1)[0].split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512/VNNI/AMX"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:

@@ -53,25 +53,44 @@ def strip_onnx_classes(path, keep_count: bool) -> None:
     onnx.save(proto, str(path))
 
 
-def start(repo, name="ssd300_onnx"):
-    backend = OnnxBackend(repo, name)
+def start(repo, engine: str, name="ssd300_onnx"):
+    if engine == "openvino":
+        from service.backends.openvino import OpenVinoBackend
+
+        backend = OpenVinoBackend(repo, name)
+    else:
+        backend = OnnxBackend(repo, name)
     asyncio.run(backend.start())
     return backend.info
+
+
+embedded_engines = pytest.mark.parametrize("engine", ["onnx", "openvino"])
 
 
 def version(repo, name="ssd300_onnx"):
     return ModelStore(repo, name).version(1)
 
 
-def test_the_class_list_is_the_versions(own_repo, tmp_path):
-    assert start(own_repo).classes == OWN
+@embedded_engines
+def test_the_class_list_is_the_versions(own_repo, tmp_path, engine):
+    assert start(own_repo, engine).classes == OWN
     repo = copy_model(own_repo, tmp_path)
     version(repo).file("classes.json").unlink()  # a version without its list is not servable
     with pytest.raises(RuntimeError, match=r"classes\.json is missing"):
-        start(repo)
+        start(repo, engine)
     # the real process: exits with the message, never serves COCO's names for these classes
     proc = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repository", str(repo), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model-repository",
+            str(repo),
+            "--port",
+            "0",
+            "--backend",
+            engine,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -79,7 +98,8 @@ def test_the_class_list_is_the_versions(own_repo, tmp_path):
     assert proc.returncode != 0 and "classes.json is missing" in proc.stderr
 
 
-def test_a_class_list_that_disagrees_with_the_model_is_refused(own_repo, tmp_path):
+@embedded_engines
+def test_a_class_list_that_disagrees_with_the_model_is_refused(own_repo, tmp_path, engine):
     """Even when its files are recorded as they are (a version put together by hand)."""
     repo = copy_model(own_repo, tmp_path)
     two = ClassList((40, 7), ("Zebra crossing", "Café table"))
@@ -87,10 +107,10 @@ def test_a_class_list_that_disagrees_with_the_model_is_refused(own_repo, tmp_pat
     with pytest.raises(
         RuntimeError, match=r"lists 2 classes but .*metadata.json says the model has 3"
     ):
-        start(repo)
+        start(repo, engine)
     rerecord(version(repo), "classes.json", b"{not json")
     with pytest.raises(RuntimeError, match=r"classes\.json is not JSON"):
-        start(repo)
+        start(repo, engine)
     # the model file declares another count than its version's list and metadata
     rerecord(version(repo), "classes.json", json.dumps(OWN.to_json()).encode())
     model = version(repo).file("model.onnx")
@@ -102,16 +122,17 @@ def test_a_class_list_that_disagrees_with_the_model_is_refused(own_repo, tmp_pat
     with pytest.raises(
         RuntimeError, match="lists 3 classes but the model file says the model has 2"
     ):
-        start(repo)
+        start(repo, engine)
 
 
-def test_a_list_other_than_the_model_files_is_refused(own_repo, tmp_path):
+@embedded_engines
+def test_a_list_other_than_the_model_files_is_refused(own_repo, tmp_path, engine):
     """A classes.json restored by version control next to another model's files: refused."""
     repo = copy_model(own_repo, tmp_path)
     other = ClassList((1, 2, 3), ("a", "b", "c"))  # same count, other classes
     rerecord(version(repo), "classes.json", json.dumps(other.to_json()).encode())
     with pytest.raises(RuntimeError, match="differ: export the model and its class list together"):
-        start(repo)
+        start(repo, engine)
 
 
 def test_a_changed_file_is_refused_and_an_older_version_served(own_repo, tmp_path):
