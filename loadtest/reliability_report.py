@@ -26,6 +26,7 @@ TESTS = [
     "tests/service/test_shutdown.py",
     "tests/service/test_fuzz.py",
     "tests/service/test_slow_clients.py",
+    "tests/service/test_upload_admission.py",
     "tests/service/test_header_fuzz.py",
     "tests/loadtest/test_locust.py",
     "tests/training/test_train.py::test_resume_is_exact",

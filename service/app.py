@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
+from service.admission import UploadAdmission, UploadDropped, client_address, parse_networks
 from service.backends import Backend
 from service.batching import MicroBatcher
 from service.errors import ApiError, error_body
@@ -120,16 +121,25 @@ class EdgeMiddleware:
     The body cap refuses a too large ``Content-Length`` before reading anything and counts the
     bytes actually received (chunked bodies, lying headers), stopping at the cap: Starlette and
     uvicorn put no total limit on multipart bodies themselves. The body deadline answers a
-    stalled or trickling upload with 408 and closes its connection.
+    stalled or trickling upload with 408 and closes its connection. A body still arriving after
+    a read holds a place in the upload admission (``service/admission.py``) until it is whole.
     """
 
     def __init__(
-        self, app: ASGIApp, max_body: int, metrics: Metrics, deadline: BodyDeadline
+        self,
+        app: ASGIApp,
+        max_body: int,
+        metrics: Metrics,
+        deadline: BodyDeadline,
+        admission: UploadAdmission,
+        trusted_proxies: list | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
         self.deadline = deadline
+        self.admission = admission
+        self.trusted = trusted_proxies or []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,18 +172,25 @@ class EdgeMiddleware:
                 await self._too_large(scope, receive, send_wrapper, request_id)
                 return
             received, started, body_done = 0, None, False
+            upload = None  # a place in the admission while the body is partial
             loop = asyncio.get_running_loop()
 
             async def receive_guarded() -> Message:
-                nonlocal received, started, body_done
+                nonlocal received, started, body_done, upload
                 if body_done:  # waiting for a disconnect, not for the body: no deadline
                     return await receive()
                 started = loop.time() if started is None else started
                 wait_s = self.deadline.wait_s(loop.time() - started, received)
+                if upload is not None and upload.dropped:
+                    raise UploadDropped(received)
                 try:
-                    async with asyncio.timeout(max(wait_s, 0.0)):
+                    async with asyncio.timeout(max(wait_s, 0.0)) as timer:
+                        if upload is not None:
+                            upload.timer = timer
                         message = await receive()
                 except TimeoutError:
+                    if upload is not None and upload.dropped:  # others were arriving faster
+                        raise UploadDropped(received) from None
                     self.metrics.rejected.labels("slow_body").inc()
                     raise ApiError(
                         408,
@@ -181,16 +198,43 @@ class EdgeMiddleware:
                         f"the request body did not arrive in time ({received} bytes received)",
                         {"Connection": "close"},
                     ) from None
+                finally:
+                    if upload is not None:
+                        upload.timer = None
                 if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
+                    size = len(message.get("body", b""))
+                    received += size
                     body_done = not message.get("more_body", False)
                     if received > self.max_body:
                         raise ApiError(413, "payload_too_large", self._limit_text())
+                    if body_done:
+                        if upload is not None:
+                            self.admission.finish(upload)
+                    else:
+                        if upload is None:
+                            upload = self.admission.begin(
+                                self._client(scope, headers),
+                                int(declared) if declared is not None else self.max_body,
+                                started,
+                            )
+                            size = received
+                        self.admission.grow(upload, size, loop.time())
                 return message
 
-            await self.app(scope, receive_guarded, send_wrapper)
+            try:
+                await self.app(scope, receive_guarded, send_wrapper)
+            finally:
+                if upload is not None:
+                    self.admission.finish(upload)
         finally:
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
+
+    def _client(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
+        peer = (scope.get("client") or (None,))[0]
+        forwarded = headers.get(b"x-forwarded-for")
+        return client_address(
+            peer, forwarded.decode("latin-1") if forwarded else None, self.trusted
+        )
 
     def _limit_text(self) -> str:
         return f"the request body is larger than {self.max_body} bytes"
@@ -252,7 +296,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             dct_scaling=settings.jpeg_dct_scaling,
         )
         app.state.in_flight = 0
-        app.state.uploading = 0
         scrape = None
         if settings.metrics_port is not None:  # /metrics on its own port, without the key
             scrape, _ = start_http_server(
@@ -348,11 +391,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         params = DetectParams(score_threshold, iou_threshold, max_detections, wanted)
         params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
         state = request.app.state
-        # uploads in progress and inference are bounded apart: a slow upload holds an upload
-        # slot (until its body deadline at most), never one of the model's
-        if state.uploading >= settings.max_uploads:
-            raise overloaded("uploads", "too many uploads in progress")
-        state.uploading += 1
+        # uploads and inference are bounded apart: a partial upload holds bytes of the upload
+        # buffer (the edge's admission, until its body deadline at most), never a model slot
         try:
             uploads = await read_uploads(request, settings.max_files)
         except ClientDisconnect:  # the client's doing, not a server error: nginx's 499
@@ -361,8 +401,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             raise ApiError(
                 499, "client_closed_request", "the client closed the connection mid-upload"
             ) from None
-        finally:
-            state.uploading -= 1
         if state.in_flight >= settings.max_in_flight:
             raise overloaded("in_flight", "too many requests in flight")
         state.in_flight += 1
@@ -445,7 +483,17 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     deadline = BodyDeadline(
         settings.body_read_timeout_s, settings.body_min_rate, settings.body_grace_s
     )
-    return EdgeMiddleware(app, settings.max_body_bytes, metrics, deadline)
+    admission = UploadAdmission(
+        settings.upload_buffer_bytes, settings.max_uploads_per_client, metrics
+    )
+    return EdgeMiddleware(
+        app,
+        settings.max_body_bytes,
+        metrics,
+        deadline,
+        admission,
+        parse_networks(settings.trusted_proxies),
+    )
 
 
 async def read_uploads(request: Request, max_files: int) -> list[bytes]:

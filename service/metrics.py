@@ -33,6 +33,11 @@ class Metrics:
         self.in_flight = Gauge(
             "ssd_in_flight_requests", "Detection requests being processed", registry=self.registry
         )
+        self.upload_buffer = Gauge(
+            "ssd_upload_buffer_bytes",
+            "Bytes of partial request bodies held (SSD_UPLOAD_BUFFER_BYTES bounds them)",
+            registry=self.registry,
+        )
         self.images = Counter("ssd_images", "Images processed", registry=self.registry)
         self.rejected = Counter(
             "ssd_rejected", "Requests refused for overload", ["reason"], registry=self.registry

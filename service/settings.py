@@ -73,7 +73,21 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         64, ge=1, description="requests at inference (body received); beyond: 503"
     )
-    max_uploads: int = Field(64, ge=1, description="bodies being received at once; beyond: 503")
+    upload_buffer_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="bytes of partial request bodies held at once, all uploads together; when "
+        "full, the uploads slowest to finish are dropped (503) first (service/admission.py). "
+        "A body that has arrived whole never waits for it",
+    )
+    max_uploads_per_client: int = Field(
+        16, ge=1, description="partial uploads one client address may hold at once; beyond: 503"
+    )
+    trusted_proxies: list[str] = Field(
+        [],
+        description="addresses or CIDR blocks of proxies whose X-Forwarded-For names the "
+        "client (a JSON list); otherwise the peer's address is the client's",
+    )
 
     # slow and stalled clients (reliability spec §5; service/http_server.py)
     header_timeout_s: float = Field(
@@ -145,6 +159,17 @@ class Settings(BaseSettings):
             return None
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from service.admission import parse_networks
+
+        try:
+            parse_networks(value)
+        except ValueError as exc:
+            raise ValueError(f"SSD_TRUSTED_PROXIES: {exc}") from None
         return value
 
     @model_validator(mode="after")

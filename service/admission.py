@@ -1,0 +1,149 @@
+"""Upload admission: partial request bodies are bounded by bytes, not by a count.
+
+A request body that has fully arrived needs no place here: it goes straight on (its bytes are
+the request's, bounded by ``SSD_MAX_BODY_BYTES`` and ``SSD_MAX_IN_FLIGHT``). A body still
+arriving after a read is a *partial upload*; the bytes received of all of them together stay
+within ``SSD_UPLOAD_BUFFER_BYTES``. When a piece would overflow it, the partial uploads that
+would take longest to finish at the rate they have kept so far (the slowest relative to what
+they still have to send; the oldest among equals) are dropped first, 503 with
+``Connection: close``, until the piece fits: a stalled or trickling upload loses its place to
+one that is arriving, never the other way round. nginx buffers partial bodies and bounds
+connections; Envoy's overload manager resets the streams holding the most buffer: this is the
+same idea with the cost of finishing as the measure.
+
+Each client address may hold ``SSD_MAX_UPLOADS_PER_CLIENT`` partial uploads at once; the next
+one from that address gets a 503 (other addresses are not touched). The address is the peer's,
+or, where the peer is one of ``SSD_TRUSTED_PROXIES``, the nearest untrusted address of
+``X-Forwarded-For``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from dataclasses import dataclass, field
+
+from service.errors import ApiError
+from service.metrics import Metrics
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class UploadDropped(ApiError):
+    def __init__(self, received: int) -> None:
+        super().__init__(
+            503,
+            "upload_dropped",
+            f"the upload buffer is full and this upload was the slowest to finish "
+            f"({received} bytes received); retry shortly",
+            {"Connection": "close", "Retry-After": "1"},
+        )
+
+
+@dataclass(eq=False)
+class Upload:
+    """One partial body: who sends it, how much it said it would send, what has arrived."""
+
+    client: str
+    expected: int  # Content-Length, else the body cap
+    started: float
+    received: int = 0
+    dropped: bool = False
+    timer: object = None  # the asyncio.Timeout of the read it is waiting on, if any
+    order: int = field(default_factory=itertools.count().__next__)
+
+    def seconds_to_finish(self, now: float) -> float:
+        elapsed = max(now - self.started, 1e-3)
+        rate = self.received / elapsed
+        left = max(self.expected - self.received, 0)
+        return left / rate if rate > 0 else float("inf")
+
+
+class UploadAdmission:
+    def __init__(self, budget: int, per_client: int, metrics: Metrics) -> None:
+        self.budget = budget
+        self.per_client = per_client
+        self.metrics = metrics
+        self.held = 0
+        self.uploads: set[Upload] = set()
+        self.by_client: dict[str, int] = {}
+
+    def begin(self, client: str, expected: int, now: float) -> Upload:
+        """A body is still arriving after a read: give it a place, or 503 for its address."""
+        if self.by_client.get(client, 0) >= self.per_client:
+            self.metrics.rejected.labels("uploads_per_client").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                f"this client has {self.per_client} uploads in progress already; retry shortly",
+                {"Connection": "close", "Retry-After": "1"},
+            )
+        upload = Upload(client, expected, now)
+        self.uploads.add(upload)
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return upload
+
+    def grow(self, upload: Upload, size: int, now: float) -> None:
+        """``size`` more bytes of ``upload`` have arrived: drop the slowest partial uploads
+        until they fit the budget (raising :class:`UploadDropped` if ``upload`` is one)."""
+        upload.received += size
+        self.held += size
+        if self.held > self.budget:
+            worst_first = sorted(self.uploads, key=lambda u: (-u.seconds_to_finish(now), u.order))
+            for victim in worst_first:
+                if self.held <= self.budget:
+                    break
+                self._drop(victim, now)
+        self.metrics.upload_buffer.set(self.held)
+        if upload.dropped:
+            raise UploadDropped(upload.received)
+
+    def _drop(self, victim: Upload, now: float) -> None:
+        victim.dropped = True
+        self.finish(victim)
+        self.metrics.rejected.labels("upload_dropped").inc()
+        if victim.timer is not None:  # waiting on its next piece: wake it at once
+            victim.timer.reschedule(now)
+
+    def finish(self, upload: Upload) -> None:
+        """The body has arrived (or the request ended): its place goes back."""
+        if upload not in self.uploads:
+            return
+        self.uploads.discard(upload)
+        self.held -= upload.received
+        left = self.by_client[upload.client] - 1
+        if left:
+            self.by_client[upload.client] = left
+        else:
+            del self.by_client[upload.client]
+        self.metrics.upload_buffer.set(self.held)
+
+
+def parse_networks(values: list[str]) -> list[Network]:
+    """``SSD_TRUSTED_PROXIES`` entries (addresses or CIDR blocks)."""
+    return [ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip()]
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: list[Network]) -> str:
+    """The client's address: the peer, or behind trusted proxies the rightmost address of
+    ``X-Forwarded-For`` that is not one of them (anything left of it the client wrote itself)."""
+    address = peer or "unknown"
+    if not trusted or not forwarded_for or not _in(address, trusted):
+        return address
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return address  # a malformed hop: the last proxy seen, never a guess
+        if not _in(hop, trusted):
+            return hop
+        address = hop
+    return address
+
+
+def _in(address: str, networks: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)

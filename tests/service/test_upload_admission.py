@@ -1,0 +1,318 @@
+"""Upload admission (service/admission.py): partial bodies bounded by bytes, slowest dropped first,
+a cap per client address; then the attacks it answers, over raw sockets against
+``python -m service``: stalled uploads up to the connection cap beside idle connections,
+trickling uploads above the minimum rate in numbers beyond any count limit, many partial uploads
+from one address. Normal requests are measured against an unloaded run in the same test."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from service.admission import UploadAdmission, UploadDropped, client_address, parse_networks
+from service.errors import ApiError
+from service.metrics import Metrics
+from tests.service.conftest import start_service
+from tests.service.test_slow_clients import multipart, normal_request, port_of, request_head
+
+# ----------------------------------------------------------------------------- the object
+
+
+def admission(budget: int = 1000, per_client: int = 3) -> UploadAdmission:
+    return UploadAdmission(budget, per_client, Metrics())
+
+
+def test_the_slowest_to_finish_is_dropped_not_the_newest():
+    a = admission(budget=1000)
+    stalled = a.begin("10.0.0.1", expected=10_000, now=0.0)
+    a.grow(stalled, 300, now=0.0)  # 300 bytes, then nothing: at 10 s, 30 B/s, 323 s to go
+    trickle = a.begin("10.0.0.2", expected=10_000, now=0.0)
+    a.grow(trickle, 400, now=5.0)  # at 10 s, 40 B/s with 9,600 to go: 240 s
+    fast = a.begin("10.0.0.3", expected=1_000, now=9.9)
+    a.grow(fast, 500, now=10.0)  # 5 kB/s, 0.1 s to finish: it overflows the budget
+    assert stalled.dropped and not trickle.dropped and not fast.dropped
+    assert a.held == 900 and a.by_client == {"10.0.0.2": 1, "10.0.0.3": 1}
+    newcomer = a.begin("10.0.0.1", expected=10_000, now=10.0)
+    with pytest.raises(UploadDropped):  # 300 bytes in 990 s: the slowest, it gives way
+        a.grow(newcomer, 300, now=1000.0)
+    assert a.held == 900 and newcomer.dropped and a.uploads == {trickle, fast}
+
+
+def test_a_place_per_client_and_finish_gives_it_back():
+    a = admission(per_client=2)
+    first, second = a.begin("10.0.0.1", 10, 0.0), a.begin("10.0.0.1", 10, 0.0)
+    with pytest.raises(ApiError) as refused:
+        a.begin("10.0.0.1", 10, 0.0)
+    assert refused.value.status == 503 and refused.value.headers["Connection"] == "close"
+    other = a.begin("10.0.0.2", 10, 0.0)  # another address is untouched
+    a.grow(first, 5, 0.0)
+    a.finish(first)
+    a.finish(first)  # idempotent: a request's end finishes it again
+    assert a.held == 0 and a.by_client == {"10.0.0.1": 1, "10.0.0.2": 1}
+    a.begin("10.0.0.1", 10, 0.0)
+    a.finish(second)
+    a.finish(other)
+
+
+def test_the_client_address_behind_trusted_proxies_only():
+    trusted = parse_networks(["10.1.0.0/16", "192.168.0.7"])
+    # no trusted proxies: the header is the client's own words
+    assert client_address("1.2.3.4", "5.6.7.8", []) == "1.2.3.4"
+    # the peer is not a trusted proxy: ignored too
+    assert client_address("1.2.3.4", "5.6.7.8", trusted) == "1.2.3.4"
+    # through two trusted proxies: the nearest untrusted hop; what the client wrote left of it
+    # (a forged address) is not used
+    chain = "6.6.6.6, 5.6.7.8, 10.1.2.3"
+    assert client_address("192.168.0.7", chain, trusted) == "5.6.7.8"
+    assert client_address("192.168.0.7", "10.1.0.9", trusted) == "10.1.0.9"  # all trusted
+    # a malformed hop: the last proxy seen stands for the client, never the junk
+    assert client_address("192.168.0.7", "nonsense, 10.1.0.9", trusted) == "10.1.0.9"
+    with pytest.raises(ValueError):
+        parse_networks(["10.0.0.0/33"])
+
+
+# ----------------------------------------------------------------------------- the attacks
+
+BIG = 9 * 1024 * 1024  # what each attacking upload says it will send
+
+
+@pytest.fixture(scope="module", autouse=True)
+def enough_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def service(model_repo, monkeypatch):
+    started: list = []
+
+    def start(**env: str):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        proc, url = start_service(model_repo)
+        started.append(proc)
+        return proc, url
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def source(i: int) -> str:
+    """Loopback addresses other than 127.0.0.1 (which the normal requests use)."""
+    return f"127.0.{1 + i // 250}.{2 + i % 250}"
+
+
+def partial_upload(port: int, address: str, first: bytes = b"--XyZ\r\n") -> socket.socket:
+    s = socket.socket()
+    s.bind((address, 0))
+    s.settimeout(30)
+    s.connect(("127.0.0.1", port))
+    s.sendall(request_head(port, BIG, "multipart/form-data; boundary=XyZ") + first)
+    return s
+
+
+def idle_connection(port: int, address: str) -> socket.socket:
+    s = socket.socket()
+    s.bind((address, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def latencies(url: str, n: int) -> tuple[list[int], list[float]]:
+    out = [normal_request(url) for _ in range(n)]
+    return [status for status, _ in out], [seconds for _, seconds in out]
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[max(0, round(0.99 * len(values)) - 1)]
+
+
+def open_files(proc) -> int:
+    return psutil.Process(proc.pid).num_fds()
+
+
+def bound(unloaded: list[float]) -> float:
+    """What a normal request may take beside an attack: 3x its unloaded median plus 0.1 s (a
+    2-core machine shared with the attack's own threads; the attack costs the server nothing
+    while it waits)."""
+    return 3 * statistics.median(unloaded) + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stalled", [100, 500, 960])
+def test_stalled_uploads_up_to_the_cap_refuse_no_normal_request(service, stalled, figures):
+    cap, idle = 1024, 1000 - stalled if stalled < 960 else 40
+    proc, url = service(SSD_HEADER_TIMEOUT_S="120", SSD_MAX_CONNECTIONS=str(cap))
+    port = port_of(url)
+    latencies(url, 3)  # warm-up
+    _, unloaded = latencies(url, 15)
+    fds0 = open_files(proc)
+    socks = [partial_upload(port, source(i)) for i in range(stalled)]
+    socks += [idle_connection(port, source(i)) for i in range(idle)]
+    time.sleep(1.0)
+    statuses, loaded = latencies(url, 15)
+    held = metric(url, "ssd_upload_buffer_bytes")
+    for s in socks:
+        s.close()
+    assert statuses == [200] * 15, statuses  # none refused
+    assert statistics.median(loaded) <= bound(unloaded), (unloaded, loaded)
+    assert held >= stalled * 7  # they do hold their places (7 bytes each)
+    deadline = time.monotonic() + 30
+    while open_files(proc) > fds0 + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open_files(proc) <= fds0 + 2
+    figures(
+        f"{stalled} stalled uploads + {idle} idle connections (cap {cap})",
+        "normal requests never refused, median within 3x unloaded + 0.1 s",
+        f"normal p50/p99 {1e3 * statistics.median(loaded):.0f}/{1e3 * p99(loaded):.0f} ms "
+        f"(unloaded {1e3 * statistics.median(unloaded):.0f}/{1e3 * p99(unloaded):.0f} ms), "
+        "0 of 15 refused",
+        f"open files back to {open_files(proc)} (baseline {fds0})",
+    )
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.mark.slow
+def test_trickling_uploads_beyond_any_count_refuse_no_normal_request(service, figures):
+    """100 uploads from 100 addresses at 1.5x the minimum rate, each announcing 9 MiB: they
+    fill a 6 MiB buffer in about 5 s; from then on the slowest are dropped, the normal requests
+    go on, and the process holds the buffer plus a bounded overhead."""
+    budget, n, rate = 6 << 20, 100, 8192
+    proc, url = service(SSD_UPLOAD_BUFFER_BYTES=str(budget), SSD_BODY_MIN_RATE=str(rate))
+    port = port_of(url)
+    latencies(url, 3)
+    _, unloaded = latencies(url, 15)
+    rss0 = psutil.Process(proc.pid).memory_info().rss
+    socks = [partial_upload(port, source(i)) for i in range(n)]
+    stop = threading.Event()
+    answered: list[bytes] = []
+
+    def trickle() -> None:  # every socket 1.5x the minimum rate, in 10 pieces a second
+        piece = b"x" * int(1.5 * rate / 10)
+        alive = list(socks)
+        while alive and not stop.is_set():
+            t0 = time.monotonic()
+            for s in list(alive):
+                try:
+                    s.sendall(piece)
+                except OSError:  # dropped: the server answered and closed
+                    alive.remove(s)
+                    try:
+                        answered.append(s.recv(4096))
+                    except OSError:
+                        answered.append(b"")
+            stop.wait(max(0.0, 0.1 - (time.monotonic() - t0)))
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    statuses, loaded, held, rss = [], [], [], []
+    t_end = time.monotonic() + 20
+    while time.monotonic() < t_end:
+        status, seconds = normal_request(url)
+        statuses.append(status)
+        loaded.append(seconds)
+        held.append(metric(url, "ssd_upload_buffer_bytes"))
+        rss.append(psutil.Process(proc.pid).memory_info().rss)
+        time.sleep(0.3)
+    dropped = metric(url, "ssd_rejected_total", reason="upload_dropped")
+    stop.set()
+    thread.join(30)
+    for s in socks:
+        s.close()
+    assert set(statuses) == {200}, statuses  # none refused
+    assert statistics.median(loaded) <= bound(unloaded), (unloaded, loaded)
+    assert max(held) <= budget and max(held) > budget / 2  # the budget was reached, and held
+    assert dropped > 0 and any(b" 503 " in a and b"upload_dropped" in a for a in answered)
+    grown = (max(rss) - rss0) / 2**20
+    assert grown <= budget / 2**20 + 40, grown  # the buffer + 40 MiB (sockets, parsers, pages)
+    figures(
+        f"{n} trickling uploads at 1.5x SSD_BODY_MIN_RATE, 9 MiB announced, buffer 6 MiB",
+        "normal requests never refused, median within 3x unloaded + 0.1 s; RSS <= buffer + 40 MiB",
+        f"normal p50/p99 {1e3 * statistics.median(loaded):.0f}/{1e3 * p99(loaded):.0f} ms "
+        f"(unloaded {1e3 * statistics.median(unloaded):.0f}/{1e3 * p99(unloaded):.0f} ms), "
+        f"0 of {len(statuses)} refused",
+        f"{dropped:.0f} slowest uploads dropped (503); buffer at most {max(held) / 2**20:.1f} MiB; "
+        f"RSS +{grown:.1f} MiB",
+    )
+
+
+@pytest.mark.slow
+def test_many_partial_uploads_from_one_address_limit_that_address_only(service):
+    _, url = service(SSD_MAX_UPLOADS_PER_CLIENT="16")
+    port = port_of(url)
+    socks = [partial_upload(port, "127.0.0.9") for _ in range(40)]
+    time.sleep(1.0)
+    refused = []
+    for s in socks:
+        s.settimeout(0.2)
+        with contextlib.suppress(TimeoutError):
+            refused.append(s.recv(4096))
+    assert len(refused) == 24, len(refused)
+    assert all(b" 503 " in r and b"uploads in progress" in r for r in refused)
+    other = partial_upload(port, "127.0.0.10")  # another address still gets a place
+    other.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        other.recv(4096)
+    status, _ = normal_request(url)  # and so do normal requests from everyone else
+    assert status == 200
+    body, ctype = multipart()  # even one sent whole from the limited address itself
+    whole = socket.socket()
+    whole.bind(("127.0.0.9", 0))
+    whole.connect(("127.0.0.1", port))
+    whole.sendall(request_head(port, len(body), ctype) + body)
+    assert whole.recv(4096).startswith(b"HTTP/1.1 200")
+    for s in [*socks, other, whole]:
+        s.close()
+
+
+@pytest.mark.slow
+def test_forwarded_addresses_count_only_behind_a_trusted_proxy(service):
+    _, url = service(SSD_MAX_UPLOADS_PER_CLIENT="2", SSD_TRUSTED_PROXIES='["127.0.0.0/24"]')
+    port = port_of(url)
+
+    def through_proxy(client: str) -> socket.socket:
+        s = socket.socket()
+        s.bind(("127.0.0.5", 0))  # the proxy
+        s.settimeout(0.5)
+        s.connect(("127.0.0.1", port))
+        head = request_head(port, BIG, "multipart/form-data; boundary=XyZ")
+        s.sendall(head[:-2] + f"X-Forwarded-For: {client}\r\n\r\n".encode() + b"--XyZ\r\n")
+        return s
+
+    distinct = [through_proxy(f"10.9.0.{i}") for i in range(6)]  # six clients, one proxy
+    same = [through_proxy("10.9.9.9") for _ in range(3)]  # one client, three uploads
+    time.sleep(0.5)
+
+    def answered(s: socket.socket) -> bool:
+        try:
+            return bool(s.recv(4096))
+        except TimeoutError:
+            return False
+
+    assert not any(answered(s) for s in distinct)
+    assert [answered(s) for s in same].count(True) == 1
+    for s in distinct + same:
+        s.close()
