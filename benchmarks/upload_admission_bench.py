@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--counts", nargs="+", type=int, default=[100, 500, 960])
     args = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     print(f"machine: {cpu_name()}, {machine()}; CPU flags: {cpu_flags()}")
     body = jpeg()
