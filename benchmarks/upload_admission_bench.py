@@ -152,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         subprocess.run([sys.executable, "-m", "training.export", "--output", str(repo),
-                        "--formats", "onnx", "--cpu"], cwd=ROOT, check=True,
+                        "--formats", "onnx", "--cpu", "--random-init"], cwd=ROOT, check=True,
                        capture_output=True)  # fmt: skip
         for attack in ("stalled", "trickling"):
             for n in args.counts:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+KEPT = "<!-- below: from benchmark scripts, kept by the report -->"
 
 TESTS = [
     "tests/service/test_reliability.py",
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         "536-677 MB of RSS (`benchmarks/memory_bench.py` compares the two side by side).",
         "",
     ]
+    # what benchmark scripts measured (before/after tables) is kept as it is, below the marker
+    if args.out.exists() and KEPT in (old := args.out.read_text()):
+        lines += [KEPT + old.split(KEPT, 1)[1].rstrip("\n"), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(args.out.read_text())

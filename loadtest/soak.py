@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=float, default=60, help="seconds of load before the measured window"
     )
     add_repo_argument(p)
+    p.add_argument("--sample-s", type=float, default=2.0, help="seconds between memory samples")
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "soak")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         "threads": ps.num_threads(),
                     }
                 )
-                stop.wait(2)
+                stop.wait(args.sample_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -109,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     t = np.array([s["t"] for s in half])
     rss = np.array([s["rss_mb"] for s in half])
     slope = float(np.polyfit(t, rss, 1)[0]) if len(half) > 2 else 0.0
+    # the same trend over the whole measured window, and the spread around it (what a short
+    # run's verdict is measured against: growth within that noise is not a trend)
+    t_all = np.array([s["t"] for s in measured])
+    rss_all = np.array([s["rss_mb"] for s in measured])
+    if len(measured) > 2:
+        fit = np.polyfit(t_all, rss_all, 1)
+        growth_all = float(fit[0] * (t_all[-1] - t_all[0]))
+        noise = float(np.std(rss_all - np.polyval(fit, t_all)))
+    else:
+        growth_all, noise = 0.0, 0.0
     quarters = []
     if history:
         step = max(1, len(history) // 4)
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_end_mb": round(samples[-1]["rss_mb"], 1),
         "rss_growth_second_half_mb": round(slope * (t[-1] - t[0]), 1),
         "rss_second_half_min_max_mb": [round(float(rss.min()), 1), round(float(rss.max()), 1)],
+        "rss_growth_measured_mb": round(growth_all, 1),
+        "rss_noise_mb": round(noise, 1),
         "fds_start": measured[0]["fds"],
         "fds_end": measured[-1]["fds"],
         "latency_by_quarter": quarters,
