@@ -116,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     rss_all = np.array([s["rss_mb"] for s in measured])
     if len(measured) > 2:
         fit = np.polyfit(t_all, rss_all, 1)
-        growth_all = float(fit[0] * (t_all[-1] - t_all[0]))
+        span = t_all[-1] - t_all[0]
+        growth_all = float(fit[0] * span)
         noise = float(np.std(rss_all - np.polyval(fit, t_all)))
+        # the standard error of that growth (slope's standard error times the window)
+        growth_se = noise / (np.sqrt(len(t_all)) * float(np.std(t_all))) * span
     else:
-        growth_all, noise = 0.0, 0.0
+        growth_all, noise, growth_se = 0.0, 0.0, 0.0
     quarters = []
     if history:
         step = max(1, len(history) // 4)
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_second_half_min_max_mb": [round(float(rss.min()), 1), round(float(rss.max()), 1)],
         "rss_growth_measured_mb": round(growth_all, 1),
         "rss_noise_mb": round(noise, 1),
+        "rss_growth_se_mb": round(float(growth_se), 1),
         "fds_start": measured[0]["fds"],
         "fds_end": measured[-1]["fds"],
         "latency_by_quarter": quarters,

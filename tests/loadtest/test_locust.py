@@ -41,9 +41,10 @@ def test_short_locust_run_has_no_failures(service, tmp_path):
 def test_short_soak(model_repo, tmp_path, figures):
     """The soak script for 30 s of warm-up and one measured minute, 8 users: no failures; open
     files flat; memory flat: its least-squares trend over the measured minute (sampled every
-    second) within 30 MB, or within 3x the spread of the samples around that trend where that
-    is larger (a minute's RSS swings by tens of MB as batches come and go; a leak keeps growing
-    past its own noise)."""
+    second) within 30 MB, or within 4 standard errors of that trend where that is larger (a
+    minute's RSS swings by about 30 MB around its trend as batches come and go, which puts the
+    trend's standard error near 14 MB; the 10-minute soak of the reliability report is the long
+    check)."""
     import json
 
     proc = subprocess.run(
@@ -71,13 +72,14 @@ def test_short_soak(model_repo, tmp_path, figures):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["requests"] > 10 and summary["failures"] == 0
-    growth, noise = summary["rss_growth_measured_mb"], summary["rss_noise_mb"]
-    assert growth < max(30, 3 * noise), summary
+    growth, se = summary["rss_growth_measured_mb"], summary["rss_growth_se_mb"]
+    assert growth < max(30, 4 * se), summary
     assert abs(summary["fds_end"] - summary["fds_start"]) <= 4
     figures(
         "soak, short (8 users, 30 s warm-up + 1 min)",
-        "all 200, files flat, RSS trend < max(30 MB, 3x its noise)",
+        "all 200, files flat, RSS trend < max(30 MB, 4 standard errors)",
         f"{summary['failures']} failures of {summary['requests']}",
-        f"RSS trend {growth:+.1f} MB over the minute (noise {noise:.1f} MB); "
+        f"RSS trend {growth:+.1f} MB over the minute (standard error {se:.1f} MB, noise "
+        f"{summary['rss_noise_mb']:.1f} MB); "
         f"files {summary['fds_start']} -> {summary['fds_end']}",
     )
