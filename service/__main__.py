@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the signal after its graceful shutdown; having drained every request,
     # a SIGTERM then ends the process with status 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    DrainingServer(config, app.app.state).run()
+    DrainingServer(config, app.start_draining).run()
     return 0
 
 
@@ -63,12 +63,12 @@ class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT: readiness turns off at once, then uvicorn stops accepting connections,
     lets in-flight requests finish (up to 30 s) and runs the lifespan shutdown."""
 
-    def __init__(self, config: uvicorn.Config, state) -> None:
+    def __init__(self, config: uvicorn.Config, start_draining) -> None:
         super().__init__(config)
-        self.state = state
+        self.start_draining = start_draining
 
     def handle_exit(self, sig, frame) -> None:
-        self.state.draining = True
+        self.start_draining()
         super().handle_exit(sig, frame)
 
 

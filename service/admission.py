@@ -1,4 +1,5 @@
-"""Upload admission: partial request bodies are bounded by bytes, not by a count.
+"""Admission: partial request bodies bounded by bytes, not by a count; requests at inference
+bounded by a count (:class:`InFlight`).
 
 A request body that has fully arrived needs no place here: it goes straight on (its bytes are
 the request's, bounded by ``SSD_MAX_BODY_BYTES`` and ``SSD_MAX_IN_FLIGHT``). A body still
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from service.errors import ApiError
@@ -117,6 +120,35 @@ class UploadAdmission:
         else:
             del self.by_client[upload.client]
         self.metrics.upload_buffer.set(self.held)
+
+
+class InFlight:
+    """Requests whose body has arrived and that are being detected: ``SSD_MAX_IN_FLIGHT`` at
+    most, the next one gets 503 at once (a queue in front of a saturated model only adds
+    latency to every request in it)."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.count = 0
+
+    @contextmanager
+    def place(self) -> Iterator[None]:
+        if self.count >= self.limit:
+            self.metrics.rejected.labels("in_flight").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.count += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            self.metrics.in_flight.dec()
 
 
 def parse_networks(values: list[str]) -> list[Network]:

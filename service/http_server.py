@@ -9,7 +9,7 @@ exposed to a network needs (reliability spec §5; nginx, Envoy and uvicorn are t
 - connection cap: beyond ``max_connections`` open connections (or tasks) new requests get an
   immediate 503 (uvicorn's ``limit_concurrency``, nginx's ``limit_conn``).
 - the body deadline (a stalled or trickling upload gets 408) is the edge middleware's
-  (``service.app.EdgeMiddleware``): it sees every ``receive`` of the body.
+  (``service.edge.EdgeMiddleware``): it sees every ``receive`` of the body.
 """
 
 from __future__ import annotations

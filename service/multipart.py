@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
 
 from service.errors import ApiError
 
@@ -113,3 +114,28 @@ async def read_form(
     for part in parts:
         form.setdefault(part.name, []).append(part)
     return form
+
+
+async def read_uploads(request: Request, max_files: int) -> list[bytes]:
+    """The image bytes of a multipart form (`image` or `images`) or of a raw image body."""
+    content_type = request.headers.get("content-type", "")
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await read_form(content_type, request.stream(), max_files)
+        single = [p for p in form.get("image", []) if p.is_file]
+        many = [p for p in form.get("images", []) if p.is_file]
+        if len(single) > 1 or (single and many):
+            raise ApiError(
+                400, "too_many_files", "send one file in 'image', or several in 'images'"
+            )
+        files = single or many
+        if not files:
+            raise ApiError(400, "missing_file", "no file in the form field 'image' or 'images'")
+        return [bytes(p.data) for p in files]
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [await request.body()]
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send multipart/form-data with an 'image' field, or an image/* body",
+    )
