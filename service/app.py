@@ -62,6 +62,7 @@ def build_backend(settings: Settings) -> Backend:
             settings.model_name,
             settings.triton_timeout_s,
             settings.model_repository,
+            model_control=settings.triton_model_control,
         )
     if settings.backend == "openvino":
         from service.backends.openvino import OpenVinoBackend

@@ -29,7 +29,17 @@ class Settings(BaseSettings):
     model_name: str = Field(
         "ssd300_onnx", description="the model to serve; fixed at start-up, never from a request"
     )
-    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC address")
+    triton_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton's gRPC address; dns:///NAME:PORT balances the requests over every "
+        "address NAME resolves to (a headless Service: every Triton pod)",
+    )
+    triton_model_control: Literal["explicit", "poll"] = Field(
+        "explicit",
+        description="explicit: the gateway asks Triton to load a new version (Triton run with "
+        "--model-control-mode=explicit, one Triton); poll: every Triton polls the repository "
+        "and loads it itself (many Triton pods), the gateway only follows",
+    )
     triton_timeout_s: float = Field(5.0, gt=0, description="deadline of every Triton call")
     onnx_threads: int = Field(
         0, ge=0, description="ONNX Runtime's intra-op threads (0: its default)"

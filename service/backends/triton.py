@@ -9,7 +9,9 @@ settings, never from a request; model metadata is checked against the contract a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -42,6 +44,8 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # dns:///NAME:PORT with several addresses (every Triton pod): one request to each in turn
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
 ]
 OUTPUTS = (TENSOR_NAMES.boxes, TENSOR_NAMES.scores, TENSOR_NAMES.classes)
 LOAD_TIMEOUT_S = 300.0  # loading a model version on a GPU can take minutes
@@ -64,9 +68,15 @@ class TritonBackend:
     """
 
     def __init__(
-        self, url: str, model_name: str, timeout_s: float, repo: Path | None = None
+        self,
+        url: str,
+        model_name: str,
+        timeout_s: float,
+        repo: Path | None = None,
+        model_control: str = "explicit",
     ) -> None:
         self.url = url
+        self.model_control = model_control
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.store = ModelStore(Path(repo), model_name) if repo is not None else None
@@ -77,9 +87,12 @@ class TritonBackend:
         self._infos: dict[str, ModelInfo] = {}
         self._refused: dict[int, tuple[int, int]] = {}  # version -> its stamp when refused
         self._ready_cache: tuple[float, bool] = (0.0, False)
+        self._addresses: frozenset | None = None
+        self._retired: list[tuple[float, grpcaio.InferenceServerClient]] = []
 
     async def start(self, wait_s: float = 60.0) -> None:
         self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        self._addresses = await self._resolve()
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -138,7 +151,36 @@ class TritonBackend:
         self._infos[version] = info
         return info
 
+    async def _resolve(self) -> frozenset | None:
+        """The addresses of a ``dns:///NAME:PORT`` URL (None for any other)."""
+        if not self.url.startswith("dns:///"):
+            return None
+        host, _, port = self.url.removeprefix("dns:///").rpartition(":")
+        try:
+            infos = await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return self._addresses
+        return frozenset(info[4][:2] for info in infos)
+
+    async def _follow_addresses(self) -> None:
+        """A new channel when the name's addresses change (Triton pods added or removed):
+        gRPC resolves a name again only when a connection breaks, so new pods would get no
+        requests. The old channel is closed once its requests are past their deadline."""
+        now = time.monotonic()
+        for item in [r for r in self._retired if r[0] < now]:
+            self._retired.remove(item)
+            await item[1].close()
+        addresses = await self._resolve()
+        if addresses is None or addresses == self._addresses:
+            return
+        log.info("Triton at %s: %d addresses (were %d); new channel", self.url,
+                 len(addresses), len(self._addresses or ()))  # fmt: skip
+        self._addresses = addresses
+        self._retired.append((now + 2 * self.timeout_s + 1, self.client))
+        self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+
     async def refresh(self) -> Refresh:
+        await self._follow_addresses()
         self.versions.present = self._present()
         refused = None
         newest = self.store.newest() if self.store else None
@@ -169,10 +211,13 @@ class TritonBackend:
             return None
         self._infos.pop(version.label, None)
         try:
-            version.verify(hashes=False)  # Triton reads the files; sizes tell a truncated one
+            if self.model_control == "explicit":  # Triton reads them; sizes tell a truncated one
+                version.verify(hashes=False)
             self.info_for(version.label)
         except (RepositoryError, BackendUnavailable) as exc:
             return self._refuse(version, stamp, str(exc))
+        if self.model_control == "poll":  # each Triton loads it by itself
+            return None
         try:
             await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
         except InferenceServerException as exc:
@@ -236,5 +281,8 @@ class TritonBackend:
         return value
 
     async def close(self) -> None:
+        for _, client in self._retired:
+            await client.close()
+        self._retired.clear()
         if self.client is not None:
             await self.client.close()
