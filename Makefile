@@ -18,7 +18,7 @@ USERS ?= 1 4 16
 LOADTEST_SECONDS ?= 30
 LOADTEST_HOST ?=
 
-.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test docs clean
+.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test k8s-test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ test: install system-deps lint
 # same tests in CI.
 compose-test: install
 	SSD_COMPOSE_REQUIRED=1 $(PY) -m pytest -m compose -s tests/deploy/test_compose_stack.py tests/deploy/test_compose_full.py
+
+# the Helm chart installed into the current kube context (rollout, a request through a
+# port-forward, scale to 2 and back, uninstall); skipped with the reason where there is none.
+# K8S_VALUES: a values file (default deploy/helm/ssd300/ci/cpu-values.yaml)
+K8S_VALUES ?=
+k8s-test: install
+	$(PY) -m deploy.k8s_test $(if $(K8S_VALUES),--values $(K8S_VALUES),)
 
 model: install
 	$(PY) -m training.export --output $(REPO) --ensure $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--checkpoint nvidia --fallback-random-init)

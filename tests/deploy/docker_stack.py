@@ -247,3 +247,24 @@ class Stack:
         containers = run(["docker", "container", "ls", "-a", "-q", "--filter", label]).stdout
         networks = run(["docker", "network", "ls", "-q", "--filter", label]).stdout
         return {"container": containers.split(), "network": networks.split()}
+
+
+def request_latency_ms(url: str, n: int = 20, headers: dict | None = None) -> dict[str, float]:
+    """Median and max milliseconds of ``n`` sequential detection requests (one 640x480 JPEG
+    each, after one warm-up): the figure the compose stack and the played pods report."""
+    import httpx
+
+    from tests.service.images import encode, photo
+
+    body = encode(photo(640, 480, seed=4), "JPEG")
+    times = []
+    for i in range(n + 1):
+        t0 = time.monotonic()
+        r = httpx.post(
+            url + "/v1/detect", files={"image": ("a.jpg", body)}, headers=headers, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        if i:
+            times.append((time.monotonic() - t0) * 1000)
+    times.sort()
+    return {"median": round(times[n // 2], 1), "max": round(times[-1], 1)}

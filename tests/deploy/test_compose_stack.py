@@ -32,6 +32,7 @@ from tests.deploy.docker_stack import (
     ensure_engine,
     image_size_mb,
     layers,
+    request_latency_ms,
     run,
     timed,
     write_figures,
@@ -149,6 +150,11 @@ def test_detections_through_the_published_port_are_the_embedded_ones(stack, repo
         embedded = detect(live.url).json()
     dets = body["images"][0]["detections"]
     assert dets and dets == embedded["images"][0]["detections"]
+
+
+def test_request_latency(stack):
+    """The figure the played Kubernetes pods are compared with (test_kube_play.py)."""
+    FIGURES["request ms (20 sequential, 640x480 JPEG)"] = request_latency_ms(stack.url)
 
 
 def test_gateway_container_is_locked_down(stack):

@@ -8,6 +8,7 @@ resources (PodMonitor, ScaledObject, PyTorchJob) have no schema there: their sha
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +57,9 @@ CASES = {
         "triton": {"modelControl": "explicit", "replicas": 1},
     },
 }  # fmt: skip
+CASES["ci/cpu-values.yaml (make k8s-test)"] = yaml.safe_load(
+    (ROOT / "deploy/helm/ssd300/ci/cpu-values.yaml").read_text()
+)
 RENDERED = {name: render(values) for name, values in CASES.items()}
 
 
@@ -309,3 +313,17 @@ def test_pytorchjob_runs_the_recipe():
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": template},
             KUBE_VERSIONS[0], strict=True,
         )  # fmt: skip
+
+
+def test_k8s_test_without_a_cluster_says_why(tmp_path):
+    """make k8s-test where there is no cluster: the reason, exit 0 (1 with --require)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none")}
+    for flags, code in (([], 0), (["--require"], 1)):
+        proc = subprocess.run([sys.executable, "-m", "deploy.k8s_test", *flags], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert "k8s-test skipped: " in proc.stdout
+        assert "kubectl is not installed" in proc.stdout or "kube context" in proc.stdout
