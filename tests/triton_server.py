@@ -62,10 +62,13 @@ def start_triton(
     log_path: Path,
     timeout: float = 60,
     ports: tuple[int, int] | None = None,
+    poll_s: float | None = None,
 ) -> TritonProcess:
     """Start tritonserver with only ``models`` loaded; wait until ready.
 
-    ``ports``: (grpc, http) to reuse (a restart); default: free ports.
+    ``ports``: (grpc, http) to reuse (a restart); default: free ports. ``poll_s``: repository
+    polling every so many seconds (every model of ``repo`` is loaded; the Helm chart's mode)
+    instead of explicit model control.
     """
     import urllib.request
 
@@ -81,8 +84,11 @@ def start_triton(
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repo}",
         f"--backend-directory={backends}",
-        "--model-control-mode=explicit",
-        *[f"--load-model={m}" for m in models],
+        *(
+            ["--model-control-mode=explicit", *[f"--load-model={m}" for m in models]]
+            if poll_s is None
+            else ["--model-control-mode=poll", f"--repository-poll-secs={poll_s}"]
+        ),
         f"--grpc-port={grpc_port}",
         f"--http-port={http_port}",
         f"--metrics-port={metrics_port}",

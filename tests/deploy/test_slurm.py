@@ -102,9 +102,18 @@ def test_requeue_of_a_running_job_resumes_from_its_checkpoint(cluster, data, tmp
     cluster.cli("scontrol", "requeue", job)
     # the job is stopped (SIGTERM to the steps: the workers write interrupted.pt), then runs again
     deadline = time.monotonic() + 300
+    states, running_again = [], None
     while not any(r["event"] == "start" for r in records(save)[1:]):
         assert time.monotonic() < deadline, Path(f"{save}.out").read_text(errors="replace")
+        state = cluster.job(job).get("JobState")
+        if state != (states or [None])[-1]:
+            states.append(state)
+            if state == "RUNNING" and len(states) > 1:
+                running_again = time.time()
         time.sleep(0.2)
+    FIGURES["job states after the requeue"] = " -> ".join(states)
+    if running_again:
+        FIGURES["requeue to RUNNING again s"] = round(running_again - requeued_at, 1)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     total = time.monotonic() - t0
     log = Path(f"{save}.out").read_text(errors="replace")

@@ -39,3 +39,81 @@ def test_triton_and_embedded_agree(model_repo, service, tmp_path):
     for a, b in zip(body["images"], embedded["images"]):
         assert a["detections"] == b["detections"]
         assert len(a["detections"]) > 0
+
+
+def test_poll_mode_over_a_dns_name_follows_tritons_own_rollout(tmp_path):
+    """The Helm chart's wiring: Triton polls its repository and loads a new version itself;
+    the gateway (SSD_TRITON_MODEL_CONTROL=poll, a dns:/// address balanced round-robin) never
+    asks it to load, and labels the answers with the version Triton served."""
+    import time
+
+    from ssdcore.repository import ModelStore
+    from tests.service.test_rollout import copy_version, write_version
+    from tests.triton_server import start_triton
+
+    repo = tmp_path / "repo"
+    write_version(repo, "python", 1)
+    server = start_triton(repo, [], tmp_path / "triton.log", poll_s=1)
+    try:
+        url = "dns:///localhost:" + server.grpc_url.rpartition(":")[2]
+        settings = triton_settings(url, repo, triton_model_control="poll", model_poll_s=0.2)
+        body = encode(photo(seed=1), "JPEG")
+        with run_service(settings) as live, live.client() as c:
+            assert (
+                c.post("/v1/detect", files={"image": ("a.jpg", body)}).json()["model"]["version"]
+                == "1"
+            )
+            store = ModelStore(repo, "ssd300_python")
+            copy_version(store.version(1).path, store, 2)
+            deadline = time.monotonic() + 60
+            while True:
+                r = c.post("/v1/detect", files={"image": ("a.jpg", body)})
+                assert r.status_code == 200, r.text
+                if r.json()["model"]["version"] == "2":
+                    break
+                assert time.monotonic() < deadline, server.log()[-3000:]
+                time.sleep(0.2)
+            # Triton refuses explicit loads in poll mode ("explicit model load / unload is not
+            # allowed if polling is enabled"): had the gateway asked, v2 would show as refused
+            versions = c.get("/v1/models").json()["models"][0]["versions"]
+            assert versions["served"] == "2" and versions["refused"] is None
+    finally:
+        server.stop()
+
+
+def test_new_channel_when_the_name_resolves_to_other_addresses(monkeypatch):
+    """Triton pods added behind the headless Service: gRPC would only re-resolve the name when
+    a connection breaks, so the backend opens a new channel when the addresses change, and
+    closes the old one once its requests are past their deadline."""
+    import asyncio
+    import socket
+
+    from service.backends.triton import TritonBackend
+
+    answers = [[("10.0.0.1", 8001)], [("10.0.0.1", 8001)], [("10.0.0.1", 8001), ("10.0.0.2", 8001)]]
+    calls = []
+
+    def getaddrinfo(host, port, type=0):  # socket's own parameter name
+        calls.append((host, port))
+        return [(socket.AF_INET, type, 6, "", a) for a in answers[min(len(calls), 3) - 1]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def scenario():
+        b = TritonBackend("dns:///triton-pods.ns.svc:8001", "ssd300_python", timeout_s=0.1)
+        from tritonclient.grpc import aio as grpcaio
+
+        b.client = grpcaio.InferenceServerClient(b.url)
+        b._addresses = await b._resolve()
+        first = b.client
+        await b._follow_addresses()  # same addresses: same channel
+        assert b.client is first and not b._retired
+        await b._follow_addresses()  # a second pod: a new channel, the old one retired
+        assert b.client is not first and b._retired[0][1] is first
+        await asyncio.sleep(1.3)  # past 2 x the deadline + 1 s
+        await b._follow_addresses()
+        assert not b._retired
+        await b.close()
+
+    asyncio.run(scenario())
+    assert calls[0] == ("triton-pods.ns.svc", "8001")
