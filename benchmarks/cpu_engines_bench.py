@@ -166,8 +166,8 @@ def profile(repo: Path, runs: int = 5) -> list[list[object]]:
 
 def accuracy(tmp: Path) -> list[list[object]]:
     """Train as tests/training/conftest.py::overfit_run does, then the mAPs of tests/training/
-    test_int8.py::int8_maps."""
-    from tests.training.test_int8 import int8_maps
+    devtools.int8_accuracy.int8_maps."""
+    from devtools.int8_accuracy import int8_maps
 
     data = generate(tmp / "overfit", train=8, val=0, num_classes=2, seed=3, max_objects=2)
     shutil.rmtree(data / "val2017")

@@ -4,7 +4,7 @@
   postprocess (what evaluation did before);
 - "pairs above 0.05": softmax, then every pair scoring above the reference's 0.05 threshold,
   then the same postprocess (what evaluation does now);
-- the reference's per-class loop (``tests/reference_decode.py``), for scale.
+- the reference's per-class loop (``devtools/reference_decode.py``), for scale.
 
 The three give the same detections (checked here, and in tests/training/test_classes.py). Inputs:
 a random model calibrated to unsaturated outputs (dense: many pairs above 0.05) and the same
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine, table
+from devtools.images import photo
+from devtools.reference_decode import reference_decode_single
 from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS
-from tests.reference_decode import reference_decode_single
-from tests.service.images import photo
 from training.export.served import ServedSSD, candidates_above
 from training.model import build_model, calibrate_random_model
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, median_seconds, table
+from devtools.network_outputs import random_outputs
+from devtools.reference_decode import reference_decode_single
 from ssdcore.anchors import default_boxes
 from ssdcore.postprocess import decode_boxes, postprocess_dense, softmax
-from tests.reference_decode import reference_decode_single
-from tests.ssdcore.test_postprocess import random_outputs
 
 
 def main() -> None:

@@ -24,22 +24,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx
 import numpy as np
 import torch
 
 from benchmarks.common import machine, table
 from benchmarks.gateway_bench import jpeg
+from devtools.load import Load
+from devtools.triton_server import start_triton
 from loadtest.processes import free_port, ready_or_exit, service_command
 from ssdcore.labels import COCO
-from tests.triton_server import start_triton
 from training.export import ExportOptions, Weights, export
 from training.model import build_model, calibrate_random_model
 
@@ -51,34 +50,6 @@ def weights(seed: int, backbone: str) -> Weights:
     return Weights(
         model, COCO, {"checkpoint": f"seed-{seed}", "sha256": None, "backbone": backbone}
     )
-
-
-class Load:
-    def __init__(self, url: str, image: bytes, clients: int) -> None:
-        self.url, self.image = url, image
-        self.records: list[tuple[float, float, int, str]] = []  # start, end, status, version
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as c:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.post("/v1/detect", files={"image": ("x.jpg", self.image)})
-                    version = r.json()["model"]["version"] if r.status_code == 200 else ""
-                    status = r.status_code
-                except (httpx.HTTPError, ValueError):
-                    status, version = -1, ""
-                self.records.append((t0, time.monotonic(), status, version))
-
-    def first_end(self, version: str, since: float, timeout: float = 300) -> float:
-        while time.monotonic() - since < timeout:
-            ends = [e for s, e, _, v in self.records[-64:] if v == version and e > since]
-            if ends:
-                return min(ends)
-            time.sleep(0.01)
-        raise RuntimeError(f"version {version} was never served")
 
 
 def percentiles(latencies: list[float]) -> str:
@@ -116,7 +87,7 @@ def run_backend(name: str, repo: Path, fmt: str, args, image: bytes) -> list:
                              opts=ExportOptions(gpu=False), keep=2)  # fmt: skip
             complete = time.monotonic()
             proc.send_signal(signal.SIGHUP)
-            seen = load.first_end(str(written[fmt].version), complete)
+            seen = load.wait_for(str(written[fmt].version), complete, timeout=300)
             switches.append(seen - complete)
             windows.append((complete, seen + 1.0))
             time.sleep(2.0)
@@ -128,10 +99,10 @@ def run_backend(name: str, repo: Path, fmt: str, args, image: bytes) -> list:
         proc.wait(timeout=60)
         if triton is not None:
             triton.stop()
-    recs = load.records
-    before = [e - s for s, e, st, _ in recs if before_from <= s and e <= before_until]
-    during = [e - s for s, e, st, _ in recs if any(a <= s <= b for a, b in windows)]
-    failed = sum(1 for r in recs if r[2] != 200)
+    recs = load.answers
+    before = [r.end - r.start for r in recs if before_from <= r.start and r.end <= before_until]
+    during = [r.end - r.start for r in recs if any(a <= r.start <= b for a, b in windows)]
+    failed = sum(1 for r in recs if r.status != 200)
     return [
         name,
         f"{statistics.median(switches):.2f} / {max(switches):.2f}",

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.common import machine, table
-from training.data import DaliLoader, TorchTrainLoader
+from training.data import TorchTrainLoader
+from training.data.dali import DaliTrainLoader
 from training.engine import param_groups, train_step
 from training.loss import MultiboxLoss
 from training.model import build_model
@@ -73,7 +74,7 @@ def training_rate(data: Path, steps: int, batch: int = 8) -> list[list[object]]:
 def pipeline_rate(data: Path, epochs: int = 2) -> list[list[object]]:
     rows = []
     loaders = {
-        "DALI (CPU)": DaliLoader(data, 8, 0, 1, 2, 0, torch.device("cpu"), fp16=False),
+        "DALI (CPU)": DaliTrainLoader(data, 8, 0, 1, 2, 0, torch.device("cpu")),
         "torchvision v2 (DataLoader, 2 workers)": TorchTrainLoader(data, 8, 0, 1, 2, 0),
     }
     for name, loader in loaders.items():

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import psutil
 from PIL import Image
 
 from benchmarks.common import cpu_flags, cpu_name, machine, table
+from devtools.raw_uploads import Trickler, partial_upload, source
 from loadtest.processes import free_port, wait_ready
 
-BIG = 9 * 1024 * 1024
 RATE = 8192  # the default SSD_BODY_MIN_RATE
 
 
@@ -47,23 +46,6 @@ def jpeg() -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def head(port: int, length: int, ctype: str) -> bytes:
-    return (f"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()  # fmt: skip
-
-
-def source(i: int) -> str:
-    return f"127.0.{1 + i // 250}.{2 + i % 250}"
-
-
-def partial(port: int, i: int) -> socket.socket:
-    s = socket.socket()
-    s.bind((source(i), 0))
-    s.connect(("127.0.0.1", port))
-    s.sendall(head(port, BIG, "multipart/form-data; boundary=XyZ") + b"--XyZ\r\n")
-    return s
 
 
 def normal(url: str, body: bytes) -> tuple[int, float]:
@@ -104,33 +86,21 @@ def run(tree: Path, repo: Path, attack: str, n: int, seconds: float, body: bytes
         env={**os.environ, "PYTHONPATH": str(tree)},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    stop = threading.Event()
+    trickler = None
     socks: list[socket.socket] = []
     try:
         wait_ready(url, proc, timeout=120)
         measure(url, body, 2)  # warm-up
         before = measure(url, body, seconds)
         rss0 = psutil.Process(proc.pid).memory_info().rss / 2**20
-        socks = [partial(port, i) for i in range(n)]
+        socks = [partial_upload(port, source(i)) for i in range(n)]
         if attack == "trickling":
-
-            def trickle() -> None:
-                piece = b"x" * int(1.5 * RATE / 10)
-                alive = list(socks)
-                while alive and not stop.is_set():
-                    t0 = time.monotonic()
-                    for s in list(alive):
-                        try:
-                            s.sendall(piece)
-                        except OSError:
-                            alive.remove(s)
-                    stop.wait(max(0.0, 0.1 - (time.monotonic() - t0)))
-
-            threading.Thread(target=trickle, daemon=True).start()
+            trickler = Trickler(socks, 1.5 * RATE).start()
         time.sleep(1.0)
         during = measure(url, body, seconds, proc)
     finally:
-        stop.set()
+        if trickler is not None:
+            trickler.close()
         for s in socks:
             s.close()
         proc.terminate()

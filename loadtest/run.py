@@ -49,7 +49,7 @@ def local_service(repo: Path, backend: str, tmp: Path) -> Iterator[str]:
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
         if backend == "triton":
-            from tests.triton_server import running_triton
+            from devtools.triton_server import running_triton
 
             server = stack.enter_context(
                 running_triton(repo, ["ssd300_python"], tmp / "triton.log")

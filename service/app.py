@@ -219,7 +219,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         ] = None,
     ) -> JSONResponse:
         wanted = tuple(classes.split(",")) if classes is not None else None
-        params = DetectParams(score_threshold, iou_threshold, max_detections, wanted)
+        params = DetectParams.of(score_threshold, iou_threshold, max_detections, wanted)
         params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
         # uploads and inference are bounded apart: a partial upload holds bytes of the upload
         # buffer (the edge's admission, until its body deadline at most), never a model slot

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -21,12 +21,30 @@ from ssdcore.spec import REFERENCE_POSTPROCESS, Postprocess
 
 @dataclass(frozen=True)
 class DetectParams:
-    score_threshold: float
-    iou_threshold: float
-    max_detections: int
+    """A request's parameters: the postprocess's (the contract's type, with the request's
+    thresholds and cap) and the classes it keeps."""
+
+    postprocess: Postprocess
     # class names or category ids to keep (None: all), resolved against the class list of the
     # version that answers (ClassList.resolve_filter)
     classes: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        score_threshold: float,
+        iou_threshold: float,
+        max_detections: int,
+        classes: tuple[str, ...] | None = None,
+    ) -> DetectParams:
+        """The reference's per-class top-K with a request's thresholds and cap."""
+        pp = replace(
+            REFERENCE_POSTPROCESS,
+            score_threshold=score_threshold,
+            iou_threshold=iou_threshold,
+            max_detections=max_detections,
+        )
+        return cls(pp, classes)
 
     def allowed(self, classes: ClassList) -> frozenset[int] | None:
         if self.classes is None:
@@ -127,12 +145,6 @@ class Pipeline:
         info: ModelInfo,
     ) -> dict:
         allowed = params.allowed(info.classes)
-        pp = Postprocess(
-            score_threshold=params.score_threshold,
-            iou_threshold=params.iou_threshold,
-            topk_per_class=REFERENCE_POSTPROCESS.topk_per_class,
-            max_detections=params.max_detections,
-        )
         out = []
         for index, (image, result) in enumerate(zip(images, results)):
             c = result.candidates
@@ -140,7 +152,7 @@ class Pipeline:
                 c.boxes[result.row],
                 c.scores[result.row],
                 c.classes[result.row],
-                pp,
+                params.postprocess,
                 allowed_classes=allowed,
             )
             out.append(

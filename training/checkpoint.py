@@ -2,8 +2,10 @@
 
 NVIDIA's file is ``{'model': state_dict, 'epoch', 'iteration', 'optimizer', 'scheduler',
 'label_map'}`` with optional ``module.`` prefixes and fp16 tensors. Ours is a superset with
-``format``, ``config`` and training state. Every load uses ``torch.load(weights_only=True)``: a file
-that needs arbitrary unpickling is refused, never executed.
+``format``, ``config``, the class list and the training state, written and read by
+:class:`TrainState` alone. Every load uses ``torch.load(weights_only=True)``: a file that needs
+arbitrary unpickling is refused, never executed. Also here: what a file holds (its class list,
+its backbone), the save folder's lock and manifest, and the choice of the checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import os
 import pickle
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
+from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import file_sha256
 
 FORMAT = "ssd300-checkpoint/1"
@@ -292,3 +296,127 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, list[str]]:
             "(truncated or corrupted); falling back to an older checkpoint"
         )
     raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(warnings))
+
+
+# ----------------------------------------------------------------------------- what a file holds
+
+
+def num_classes_of(state: dict[str, torch.Tensor], boxes_per_location: int = 4) -> int:
+    """Outputs per anchor of a state dict (from the first class head)."""
+    return int(state["conf.0.weight"].shape[0]) // boxes_per_location
+
+
+def classes_of_checkpoint(obj: dict[str, Any], state: dict[str, torch.Tensor]) -> ClassList | None:
+    """The class list a checkpoint was trained on: the one it records; else COCO for 81
+    outputs (NVIDIA's); else unknown (None)."""
+    recorded = recorded_classes(obj)
+    if recorded is not None:
+        return recorded
+    if "conf.0.weight" in state and num_classes_of(state) == COCO.num_classes:
+        return COCO
+    return None
+
+
+def recorded_classes(obj: dict[str, Any]) -> ClassList | None:
+    """The class list a checkpoint records (ours do; NVIDIA's does not)."""
+    if "classes" not in obj:
+        return None
+    try:
+        return ClassList.from_json(obj["classes"])
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's class list is unusable: {exc}") from None
+
+
+def backbone_of(state: dict[str, torch.Tensor]) -> str | None:
+    """Which ResNet a state dict's backbone is, from its blocks: bottlenecks (conv3) or basic
+    blocks, and the number of blocks of layer3 (feature_extractor index 6)."""
+    prefix = "feature_extractor.feature_extractor.6."
+    blocks = {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
+    bottleneck = any(k.startswith(prefix) and ".conv3." in k for k in state)
+    table = {
+        (False, 2): "resnet18",
+        (False, 6): "resnet34",
+        (True, 6): "resnet50",
+        (True, 23): "resnet101",
+        (True, 36): "resnet152",
+    }
+    return table.get((bottleneck, len(blocks)))
+
+
+# ----------------------------------------------------------------------------- our schema
+
+
+@dataclass
+class TrainState:
+    """What a run needs to continue exactly. ``checkpoint`` writes our checkpoint's fields and
+    ``resume`` reads them back: the one place that knows the schema (``FORMAT``). ``stats`` is
+    the step counters (``training.engine.StepStats``: ``iteration``, ``skipped_steps``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    stats: Any
+    config: dict[str, Any]
+    classes: ClassList
+
+    def checkpoint(self, epoch: int, batch: int, rank_state: list[dict], **extra: Any) -> dict:
+        """``epoch``: the next epoch to run; ``batch``: the batches of it already done;
+        ``rank_state``: every rank's RNG and data state, by rank."""
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "iteration": self.stats.iteration,
+            "skipped_steps": self.stats.skipped_steps,
+            "config": self.config,
+            "classes": self.classes.to_json(),
+            "label_map": dict(enumerate(("background", *self.classes.names))),  # NVIDIA's key
+            "rank_state": rank_state,
+            **extra,
+        }
+
+    def save(self, folder: str | Path, epoch: int, batch: int, rank_state: list[dict],
+             **extra: Any) -> Path:  # fmt: skip
+        """Write atomically into ``folder`` (``epoch_<E>.pt`` at the end of an epoch,
+        ``interrupted.pt`` within one) and record it in the folder's manifest."""
+        folder = Path(folder)
+        name = f"epoch_{epoch - 1}.pt" if batch == 0 else "interrupted.pt"
+        atomic_save(self.checkpoint(epoch, batch, rank_state, **extra), folder / name)
+        record_checkpoint(folder, name, epoch=epoch, batch=batch, iteration=self.stats.iteration)
+        return folder / name
+
+    def resume(self, obj: dict[str, Any], rank: int) -> Position:
+        """The optimizer, scheduler, scaler, counters and this rank's random generators of one
+        of our checkpoints (the model's weights are loaded before, from any checkpoint).
+        ValueError/KeyError: the optimizer's groups differ (other trainable layers)."""
+        self.optimizer.load_state_dict(obj["optimizer"])
+        self.scheduler.load_state_dict(obj["scheduler"])
+        self.scaler.load_state_dict(obj["scaler"])
+        self.stats.iteration, self.stats.skipped_steps = obj["iteration"], obj["skipped_steps"]
+        ranks = obj["rank_state"]
+        mine = ranks[rank] if rank < len(ranks) else ranks[0]
+        set_rng_state(mine["rng"])
+        return Position(obj["epoch"], obj["batch"], mine["data"])
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: int  # the next epoch to run
+    batch: int  # batches of it already done
+    data: str | None = None  # this rank's data loader state (DALI's), if any
+
+
+def is_ours(obj: dict[str, Any]) -> bool:
+    """A checkpoint of this project's training job (with the state to resume), not NVIDIA's or a
+    bare state dict."""
+    return obj.get("format") == FORMAT
+
+
+def start_epoch_of(obj: dict[str, Any]) -> int:
+    """The epoch a checkpoint of any kind says comes next (0 when it does not say)."""
+    return int(obj["epoch"]) if isinstance(obj.get("epoch"), int) else 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from ssdcore.spec import REFERENCE_POSTPROCESS
 from training.coco_eval import coco_evaluate
 from training.data import ignore_sigterm
 from training.data.coco import CocoEvalDataset, eval_collate
-from training.distributed import DistInfo, all_gather_objects, any_rank
+from training.distributed import DistInfo, all_gather_objects, any_rank, sum_over_ranks
 from training.export.served import ServedSSD, candidates_above
 
 
@@ -56,6 +59,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Step(NamedTuple):
+    loss: float  # this rank's
+    stepped: bool  # the optimizer stepped (not skipped for a non-finite loss or an overflow)
+    nonfinite: bool  # the loss was not finite on some rank (every rank skipped the step)
+
+
 def train_step(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -66,11 +75,13 @@ def train_step(
     amp: bool,
     channels_last: bool,
     info: DistInfo | None = None,
-) -> tuple[float, bool]:
-    """One optimizer step. Returns (loss, stepped).
+) -> Step:
+    """One optimizer step.
 
     A non-finite loss on any rank makes every rank skip the step together (parameters stay
-    identical across ranks); with AMP, GradScaler also skips steps whose gradients overflowed.
+    identical across ranks; one all-reduce of a flag decides it, and ``Step.nonfinite`` carries
+    it to :func:`check_nonfinite`); with AMP, GradScaler also skips steps whose gradients
+    overflowed.
     """
     images, boxes, labels = (t.to(device, non_blocking=True) for t in batch)
     if channels_last:
@@ -87,19 +98,20 @@ def train_step(
         # keep DDP's collectives in step: every rank runs backward on something finite
         (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
         optimizer.zero_grad(set_to_none=True)
-        return value, False
+        return Step(value, False, True)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     stepped = scale_before is None or scaler.get_scale() >= scale_before
-    return value, stepped
+    return Step(value, stepped, False)
 
 
-def check_nonfinite(stats: StepStats, loss: float, max_streak: int, info: DistInfo) -> None:
-    """Count consecutive non-finite losses on any rank; stop every rank when persistent."""
-    bad = any_rank(not math.isfinite(loss), info)
+def check_nonfinite(stats: StepStats, step: Step, max_streak: int) -> None:
+    """Count consecutive steps whose loss was not finite on some rank (``train_step`` agreed on
+    it across ranks already); every rank stops together when it persists."""
+    bad = step.nonfinite
     stats.nonfinite_streak = stats.nonfinite_streak + 1 if bad else 0
     if stats.nonfinite_streak > max_streak:
         raise NonFiniteLoss(
@@ -183,3 +195,54 @@ def evaluate(
         f"({len(dataset)} images, {len(detections)} detections, {time.perf_counter() - t0:.1f} s)\n"
     )
     return stats, summary
+
+
+def benchmark(cfg, info: DistInfo, ddp, loss_fn, optimizer, scaler, loader, amp: bool) -> int:
+    """The benchmark modes of the training job: median images/s over --benchmark-iterations
+    after --benchmark-warmup (training steps, or forward passes on one batch), the wait for
+    data excluded; the sum over ranks printed as one JSON line by rank 0."""
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    rates: list[float] = []
+    total = cfg.benchmark_warmup + cfg.benchmark_iterations
+    channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
+    if cfg.mode == "benchmark-training":
+        ddp.train()
+        while len(rates) < total:
+            for batch in loader:  # the time to fetch a batch is not counted
+                sync()
+                t0 = time.perf_counter()
+                train_step(ddp, loss_fn, optimizer, scaler, batch, info.device, amp, channels_last)
+                sync()
+                rates.append(batch[0].shape[0] / (time.perf_counter() - t0))
+                if len(rates) >= total:
+                    break
+    else:  # forward only, on one real batch already on the device (no data loading, no NMS)
+        ddp.eval()
+        images = next(iter(loader))[0].to(info.device)
+        reps = -(-cfg.eval_batch_size // images.shape[0])
+        images = images.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.float16, enabled=amp):
+            for _ in range(total):
+                sync()
+                t0 = time.perf_counter()
+                ddp(images)
+                sync()
+                rates.append(images.shape[0] / (time.perf_counter() - t0))
+    per_rank = statistics.median(rates[cfg.benchmark_warmup :])
+    everyone = sum_over_ranks(per_rank, info)
+    if info.is_main:
+        batch = cfg.batch_size if cfg.mode == "benchmark-training" else cfg.eval_batch_size
+        result = {
+            "mode": cfg.mode,
+            "median_images_per_s_total": everyone,
+            "median_images_per_s_per_process": everyone / info.world_size,
+            "world_size": info.world_size,
+            "batch_size": batch,
+            "amp": amp,
+            "device": str(info.device),
+            "iterations": cfg.benchmark_iterations,
+        }
+        print(json.dumps(result), flush=True)
+    return 0

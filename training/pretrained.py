@@ -19,13 +19,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 
-from ssdcore.labels import COCO, ClassList, fold_name
-from training.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from ssdcore.labels import ClassList, fold_name
+from training.checkpoint import (
+    CheckpointError,
+    backbone_of,
+    classes_of_checkpoint,
+    extract_state_dict,
+    read_checkpoint,
+)
 from training.downloads import DownloadError, fetch
 from training.model import SSD300
 
@@ -122,51 +127,6 @@ def fetch_nvidia(progress: bool = True) -> Path:
 def resolve_checkpoint_arg(value: str | Path, progress: bool = True) -> Path:
     """``nvidia`` -> the cached (or downloaded) NVIDIA file; anything else is a path."""
     return fetch_nvidia(progress) if str(value) == NVIDIA else Path(value)
-
-
-# ----------------------------------------------------------------------------- classes of a file
-
-
-def num_classes_of(state: dict[str, torch.Tensor], boxes_per_location: int = 4) -> int:
-    """Outputs per anchor of a state dict (from the first class head)."""
-    return int(state["conf.0.weight"].shape[0]) // boxes_per_location
-
-
-def classes_of_checkpoint(obj: dict[str, Any], state: dict[str, torch.Tensor]) -> ClassList | None:
-    """The class list a checkpoint was trained on: the one it records; else COCO for 81
-    outputs (NVIDIA's); else unknown (None)."""
-    recorded = recorded_classes(obj)
-    if recorded is not None:
-        return recorded
-    if "conf.0.weight" in state and num_classes_of(state) == COCO.num_classes:
-        return COCO
-    return None
-
-
-def recorded_classes(obj: dict[str, Any]) -> ClassList | None:
-    """The class list a checkpoint records (ours do; NVIDIA's does not)."""
-    if "classes" not in obj:
-        return None
-    try:
-        return ClassList.from_json(obj["classes"])
-    except ValueError as exc:
-        raise CheckpointError(f"the checkpoint's class list is unusable: {exc}") from None
-
-
-def backbone_of(state: dict[str, torch.Tensor]) -> str | None:
-    """Which ResNet a state dict's backbone is, from its blocks: bottlenecks (conv3) or basic
-    blocks, and the number of blocks of layer3 (feature_extractor index 6)."""
-    prefix = "feature_extractor.feature_extractor.6."
-    blocks = {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
-    bottleneck = any(k.startswith(prefix) and ".conv3." in k for k in state)
-    table = {
-        (False, 2): "resnet18",
-        (False, 6): "resnet34",
-        (True, 6): "resnet50",
-        (True, 23): "resnet101",
-        (True, 36): "resnet152",
-    }
-    return table.get((bottleneck, len(blocks)))
 
 
 # ----------------------------------------------------------------------------- transfer

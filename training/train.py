@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -25,17 +23,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ssdcore.labels import ClassList
 from training import distributed as D
 from training.checkpoint import (
-    FORMAT,
     CheckpointError,
-    atomic_save,
+    Position,
+    TrainState,
+    classes_of_checkpoint,
     extract_state_dict,
+    is_ours,
     lock_folder,
     read_checkpoint,
-    record_checkpoint,
     remove_partial_writes,
     resolve_checkpoint,
     rng_state,
-    set_rng_state,
+    start_epoch_of,
 )
 from training.config import TrainConfig, parse_config
 from training.data.coco import DataError, check_data_folder, dataset_classes
@@ -43,19 +42,18 @@ from training.downloads import DownloadError
 from training.engine import (
     NonFiniteLoss,
     StepStats,
+    benchmark,
     check_nonfinite,
     evaluate,
     param_groups,
     set_warmup_lr,
     train_step,
 )
-from training.faults import fault_payload, with_faults
 from training.loss import MultiboxLoss
 from training.metrics_log import MetricsLog, progress
 from training.model import build_model, freeze_backbone
 from training.pretrained import (
     NVIDIA,
-    classes_of_checkpoint,
     fetch_backbone,
     fetch_nvidia,
     load_pretrained,
@@ -86,16 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         transfer_pretrained(model, start.pretrained, classes, cfg.backbone)
     freeze(model, cfg)
     model.to(info.device)
-    loss_fn = with_faults(MultiboxLoss().to(info.device), info.rank)
+    loss_fn = MultiboxLoss().to(info.device)
     lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp)
-    stats, start_epoch, skip, data_state = StepStats(), 0, 0, None
+    state = TrainState(model, optimizer, scheduler, scaler, StepStats(), cfg.to_dict(), classes)
+    at = Position(0, 0)
     if cfg.checkpoint:  # evaluation uses the checkpoint's label order, which may differ
-        start_epoch, skip, data_state, classes = restore(
-            cfg, info, model, optimizer, scheduler, scaler, stats, classes, start
-        )
+        at = restore(cfg, info, state, start)
+    classes, stats = state.classes, state.stats
     ddp = (
         DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
         if info.distributed
@@ -103,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if cfg.mode == "evaluation":
-        return run_evaluation(cfg, info, model, classes, amp, epoch=start_epoch - 1)
-    loader = build_loader(cfg, info, seed, amp, data_state)
+        return run_evaluation(cfg, info, model, classes, amp, epoch=at.epoch - 1)
+    loader = build_loader(cfg, info, seed, amp, at.data)
     if cfg.mode.startswith("benchmark"):
-        return run_benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp)
+        return benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp)
 
     metrics = MetricsLog(cfg, info)
     stop = install_sigterm_handler()
@@ -118,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         config=cfg.to_dict(),
         classes=classes.public(),
     )
-    for epoch in range(start_epoch, cfg.epochs):
+    skip = at.batch
+    for epoch in range(at.epoch, cfg.epochs):
         loader.set_epoch(epoch, skip)
         bar = progress(info, len(loader), epoch, cfg.epochs, initial=skip)
         done = skip
         for batch in loader:
             set_warmup_lr(optimizer, scheduler, stats.iteration, cfg.warmup)
             t0 = time.perf_counter()
-            loss, stepped = train_step(
+            step = train_step(
                 ddp,
                 loss_fn,
                 optimizer,
@@ -136,33 +135,21 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.data_layout == "channels_last" and info.device.type == "cuda",
                 info,
             )
-            stats.skipped_steps += not stepped
+            stats.skipped_steps += not step.stepped
             stats.iteration += 1
             done += 1
-            check_nonfinite(stats, loss, cfg.max_nan_steps, info)
+            check_nonfinite(stats, step, cfg.max_nan_steps)
             metrics.step(
                 epoch,
                 stats,
-                loss,
+                step.loss,
                 optimizer,
                 cfg.batch_size * info.world_size,
                 time.perf_counter() - t0,
                 bar,
             )
             if D.any_rank(stop.requested, info):
-                save(
-                    cfg,
-                    info,
-                    model,
-                    classes,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    stats,
-                    epoch,
-                    done,
-                    loader,
-                )
+                save(cfg, info, state, epoch, done, loader)
                 log.info("SIGTERM: checkpoint written at epoch %d, batch %d; exiting", epoch, done)
                 return 0
         bar.close()
@@ -171,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         if epoch in cfg.evaluation:
             run_evaluation(cfg, info, model, classes, amp, epoch, metrics)
-        save(cfg, info, model, classes, optimizer, scheduler, scaler, stats, epoch + 1, 0, loader)
+        save(cfg, info, state, epoch + 1, 0, loader)
     checksums = D.all_gather_objects(
         sum(float(p.detach().double().sum()) for p in model.parameters()), info
     )
@@ -320,14 +307,16 @@ def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
 
 
 def build_loader(cfg: TrainConfig, info: D.DistInfo, seed: int, amp: bool, state):
-    from training.data import DaliLoader, TorchTrainLoader, subset_files
+    from training.data import TorchTrainLoader, subset_files
 
     data = Path(cfg.data)
     if cfg.data_backend == "dali":
         images = None
         if cfg.max_train_images:  # one parse of the annotations, on rank 0, for every rank
             images = D.from_main(lambda: subset_files(data, cfg.max_train_images), info)
-        return DaliLoader(
+        from training.data.dali import DaliTrainLoader
+
+        return DaliTrainLoader(
             data,
             cfg.batch_size,
             info.rank,
@@ -366,52 +355,27 @@ def install_sigterm_handler() -> StopFlag:
     return flag
 
 
-def save(
-    cfg, info, model, classes, optimizer, scheduler, scaler, stats, epoch: int, batch: int, loader
-) -> None:
+def save(cfg, info, state: TrainState, epoch: int, batch: int, loader) -> None:
     """Collective: every rank contributes its RNG and data state; rank 0 writes atomically."""
     per_rank = D.all_gather_objects({"rng": rng_state(), "data": loader.state()}, info)
-    if not cfg.save or not info.is_main:
-        return
-    folder = Path(cfg.save)
-    name = f"epoch_{epoch - 1}.pt" if batch == 0 else "interrupted.pt"
-    atomic_save(
-        {
-            "format": FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,  # next epoch to run
-            "batch": batch,  # batches of that epoch already done
-            "iteration": stats.iteration,
-            "skipped_steps": stats.skipped_steps,
-            "config": cfg.to_dict(),
-            "classes": classes.to_json(),
-            "label_map": dict(enumerate(("background", *classes.names))),  # NVIDIA's key
-            "rank_state": per_rank,
-            **fault_payload(epoch, batch),
-        },
-        folder / name,
-    )
-    record_checkpoint(folder, name, epoch=epoch, batch=batch, iteration=stats.iteration)
+    if cfg.save and info.is_main:
+        state.save(cfg.save, epoch, batch, per_rank)
 
 
-def restore(
-    cfg, info, model, optimizer, scheduler, scaler, stats, classes: ClassList, start: StartWeights
-) -> tuple[int, int, str | None, ClassList]:
-    """Load weights (any checkpoint of these classes) and, for ours, the full training state.
+def restore(cfg, info, state: TrainState, start: StartWeights) -> Position:
+    """Load the weights (any checkpoint of these classes) and, from ours, the training state.
 
-    Returns (epoch, batch, data state, classes): the checkpoint's class list, whose order is
+    Where to go on from; ``state.classes`` becomes the checkpoint's class list, whose order is
     that of the model's labels (the data's may list the same categories in another order,
     which evaluation accepts and training does not)."""
+    classes = state.classes
     try:
         path, skipped = resolve_checkpoint(start.checkpoint or cfg.checkpoint)
         for warning in skipped:
             log.warning("%s", warning)
         obj = read_checkpoint(path)
-        state = extract_state_dict(obj)
-        trained_on = classes_of_checkpoint(obj, state) or classes
+        weights = extract_state_dict(obj)
+        trained_on = classes_of_checkpoint(obj, weights) or classes
         if not trained_on.same_categories(classes):
             raise CheckpointError(
                 f"it was trained on the classes {trained_on.summary()}; the data declares "
@@ -423,27 +387,21 @@ def restore(
                 "it resumes (labels are positions in that list): restore the order "
                 f"{trained_on.summary()}"
             )
-        model.load_state_dict(state)
+        state.model.load_state_dict(weights)
     except (CheckpointError, DownloadError, RuntimeError) as exc:
         raise SystemExit(f"error: cannot use checkpoint {cfg.checkpoint}: {exc}") from None
-    if obj.get("format") != FORMAT or cfg.mode == "evaluation":
-        epoch = int(obj.get("epoch", 0)) if isinstance(obj.get("epoch"), int) else 0
-        return epoch, 0, None, trained_on
+    state.classes = trained_on
+    if not is_ours(obj) or cfg.mode == "evaluation":
+        return Position(start_epoch_of(obj), 0)
     try:
-        optimizer.load_state_dict(obj["optimizer"])
+        at = state.resume(obj, info.rank)
     except (ValueError, KeyError) as exc:
         raise SystemExit(
             f"error: cannot resume the optimizer of {path}: {exc} (was the run started with "
             "other --freeze-backbone / --trainable-backbone-layers? pass the same ones)"
         ) from None
-    scheduler.load_state_dict(obj["scheduler"])
-    scaler.load_state_dict(obj["scaler"])
-    stats.iteration, stats.skipped_steps = obj["iteration"], obj["skipped_steps"]
-    ranks = obj["rank_state"]
-    mine = ranks[info.rank] if info.rank < len(ranks) else ranks[0]
-    set_rng_state(mine["rng"])
-    log.info("resumed from %s at epoch %d, batch %d", path, obj["epoch"], obj["batch"])
-    return obj["epoch"], obj["batch"], mine["data"], trained_on
+    log.info("resumed from %s at epoch %d, batch %d", path, at.epoch, at.batch)
+    return at
 
 
 def run_evaluation(cfg, info, model, classes: ClassList, amp, epoch: int, metrics=None) -> int:
@@ -464,61 +422,17 @@ def run_evaluation(cfg, info, model, classes: ClassList, amp, epoch: int, metric
     return 0
 
 
-def run_benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp) -> int:
-    """Median images/s over --benchmark-iterations after --benchmark-warmup, data wait excluded."""
-    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
-    rates: list[float] = []
-    total = cfg.benchmark_warmup + cfg.benchmark_iterations
-    channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
-    if cfg.mode == "benchmark-training":
-        ddp.train()
-        while len(rates) < total:
-            for batch in loader:  # the time to fetch a batch is not counted
-                sync()
-                t0 = time.perf_counter()
-                train_step(ddp, loss_fn, optimizer, scaler, batch, info.device, amp, channels_last)
-                sync()
-                rates.append(batch[0].shape[0] / (time.perf_counter() - t0))
-                if len(rates) >= total:
-                    break
-    else:  # forward only, on one real batch already on the device (no data loading, no NMS)
-        ddp.eval()
-        images = next(iter(loader))[0].to(info.device)
-        reps = -(-cfg.eval_batch_size // images.shape[0])
-        images = images.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.float16, enabled=amp):
-            for _ in range(total):
-                sync()
-                t0 = time.perf_counter()
-                ddp(images)
-                sync()
-                rates.append(images.shape[0] / (time.perf_counter() - t0))
-    per_rank = statistics.median(rates[cfg.benchmark_warmup :])
-    everyone = D.sum_over_ranks(per_rank, info)
-    if info.is_main:
-        batch = cfg.batch_size if cfg.mode == "benchmark-training" else cfg.eval_batch_size
-        result = {
-            "mode": cfg.mode,
-            "median_images_per_s_total": everyone,
-            "median_images_per_s_per_process": everyone / info.world_size,
-            "world_size": info.world_size,
-            "batch_size": batch,
-            "amp": amp,
-            "device": str(info.device),
-            "iterations": cfg.benchmark_iterations,
-        }
-        print(json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
+def cli() -> int:
+    """``main`` with its exits: 3 when the loss stayed non-finite, 130 on Ctrl-C."""
     try:
-        sys.exit(main())
+        return main()
     except NonFiniteLoss as exc:
         logging.getLogger("train").error("%s", exc)
         D.cleanup()
-        sys.exit(3)
+        return 3
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -254,7 +254,7 @@ def request_latency_ms(url: str, n: int = 20, headers: dict | None = None) -> di
     each, after one warm-up): the figure the compose stack and the played pods report."""
     import httpx
 
-    from tests.service.images import encode, photo
+    from devtools.images import encode, photo
 
     body = encode(photo(640, 480, seed=4), "JPEG")
     times = []

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import torch
 
+from devtools.images import encode, photo
 from loadtest.processes import free_port
 from tests.deploy.docker_stack import (
     FIGURES,
@@ -32,7 +33,6 @@ from tests.deploy.docker_stack import (
     timed,
     write_figures,
 )
-from tests.service.images import encode, photo
 from training.model import build_model, calibrate_random_model
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.images import encode, photo
 from loadtest.processes import free_port
 from service.settings import Settings
 from tests.deploy.docker_stack import (
@@ -38,7 +39,6 @@ from tests.deploy.docker_stack import (
     write_figures,
 )
 from tests.service.conftest import run_service
-from tests.service.images import encode, photo
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
 FIGURES_FILE = ROOT / "loadtest" / "reports" / "compose_figures.json"
@@ -223,7 +223,7 @@ TRITON_DEADLINE_S = 5.0  # the gateway's default SSD_TRITON_TIMEOUT_S, which com
 
 def unloaded_latency(url: str, n: int = 5) -> float:
     """Median seconds of ``n`` sequential detection requests (one image each)."""
-    from tests.service.images import encode, photo
+    from devtools.images import encode, photo
 
     body = encode(photo(640, 480, seed=4), "JPEG")
     times = []

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from deploy.chart import one, render
+from devtools.images import encode, photo
 from loadtest.processes import free_port
 from tests.deploy.docker_stack import (
     ROOT,
@@ -29,7 +30,6 @@ from tests.deploy.docker_stack import (
     request_latency_ms,
 )
 from tests.deploy.kube_play import Played, PodmanUnavailable, copy_image, ensure_podman, podman
-from tests.service.images import encode, photo
 
 pytest.importorskip("helm_python")
 pytestmark = [pytest.mark.kube, pytest.mark.slow]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.images import encode, photo, png_header_only, with_exif_orientation
 from loadtest.processes import free_port
 from service.settings import Settings
 from tests.service.conftest import run_service
-from tests.service.images import encode, photo, png_header_only, with_exif_orientation
 
 JPEG = encode(photo(), "JPEG")
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.service.images import encode, photo
+from devtools.images import encode, photo
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

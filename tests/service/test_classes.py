@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
+from devtools.images import encode, photo
 from service.backends.onnx import OnnxBackend
 from service.settings import Settings
 from ssdcore.labels import ClassList
 from ssdcore.repository import ModelStore
 from tests.service.conftest import rerecord, run_service, triton_settings
-from tests.service.images import encode, photo
 from training.export import ExportOptions, export
 
 OWN = ClassList((40, 7, 12), ("Zebra crossing", "Café table", "señal de tráfico"))
@@ -154,8 +154,8 @@ def test_a_changed_file_is_refused_and_an_older_version_served(own_repo, tmp_pat
 @pytest.mark.triton
 @pytest.mark.slow
 def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
+    from devtools.triton_server import running_triton
     from service.backends.triton import TritonBackend
-    from tests.triton_server import running_triton
 
     image = encode(photo(400, 300, seed=3), "JPEG")
     with running_triton(own_repo, ["ssd300_python"], tmp_path / "triton.log") as server:

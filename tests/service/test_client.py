@@ -6,8 +6,8 @@ import json
 import numpy as np
 from PIL import Image
 
+from devtools.images import encode, photo
 from service.client import main
-from tests.service.images import encode, photo
 
 
 def test_client_annotates_a_folder(service, tmp_path):

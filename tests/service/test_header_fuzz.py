@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.service.images import encode, photo
+from devtools.images import encode, photo
 
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(64, 48, seed=1), "JPEG")

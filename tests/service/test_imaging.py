@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.images import encode, photo, png_header_only, with_exif_orientation
 from service.errors import ApiError
 from service.imaging import ImageLimits, decode_image, sniff
-from tests.service.images import encode, photo, png_header_only, with_exif_orientation
 
 LIMITS = ImageLimits()
 

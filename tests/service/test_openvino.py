@@ -6,10 +6,10 @@ from __future__ import annotations
 import openvino as ov
 import pytest
 
+from devtools.images import encode, photo
 from service.backends.openvino import cpu_precision
 from service.settings import Settings
 from tests.service.conftest import run_service
-from tests.service.images import encode, photo
 
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from devtools.images import encode, photo
+from devtools.reference_decode import reference_decode_single
 from service.settings import Settings
 from ssdcore.anchors import default_boxes
 from ssdcore.labels import COCO
 from ssdcore.postprocess import decode_boxes, softmax
-from tests.reference_decode import reference_decode_single
 from tests.service.conftest import run_service
-from tests.service.images import encode, photo
 from training.export import ExportOptions, export
 from training.model import build_model, calibrate_random_model
 

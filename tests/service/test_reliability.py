@@ -14,9 +14,9 @@ import httpx
 import psutil
 import pytest
 
+from devtools.images import encode, photo
 from service.settings import Settings
 from tests.service.conftest import run_service, start_service
-from tests.service.images import encode, photo
 from tests.service.test_api import BAD_INPUTS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,26 +11,26 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from devtools.images import encode, photo
+from devtools.load import Load
+from devtools.triton_server import running_triton
 from service.settings import Settings
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import MODEL_NAMES, ModelStore
 from tests.service.conftest import run_service, start_service, triton_settings
-from tests.service.images import encode, photo
-from tests.triton_server import running_triton
 from training.export import ExportOptions, Weights, export
 from training.model import build_model, calibrate_random_model
 
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(320, 240, seed=5), "JPEG")
+PARAMS = {"score_threshold": 0.01}
 PETS = ClassList((7, 8, 9), ("cat", "dog", "bird"))
 
 
@@ -50,64 +50,6 @@ def write_version(
         repo, [fmt], weights=weights(seed, classes), opts=ExportOptions(gpu=False), version=version
     )
     return meta[fmt].version
-
-
-@dataclass
-class Answer:
-    start: float
-    end: float
-    status: int
-    version: str = ""
-    labels: frozenset[str] = frozenset()
-
-
-class Load:
-    """``clients`` threads posting images; records every answer."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url = url
-        self.answers: list[Answer] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as c:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.post(
-                        "/v1/detect",
-                        files={"image": ("x.jpg", JPEG)},
-                        params={"score_threshold": 0.01},
-                    )
-                except httpx.HTTPError:
-                    self.answers.append(Answer(t0, time.monotonic(), -1))
-                    continue
-                answer = Answer(t0, time.monotonic(), r.status_code)
-                if r.status_code == 200:
-                    body = r.json()
-                    answer.version = body["model"]["version"]
-                    answer.labels = frozenset(d["label"] for d in body["images"][0]["detections"])
-                self.answers.append(answer)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def wait_for(self, version: str, since: float, timeout: float = 120) -> float:
-        """The time the first response naming ``version`` ended after ``since``."""
-        while time.monotonic() - since < timeout:
-            ends = [a.end for a in self.answers[-32:] if a.version == version and a.end > since]
-            if ends:
-                return min(ends)
-            time.sleep(0.05)
-        raise AssertionError(f"no response from version {version} within {timeout} s")
 
 
 def models(url: str) -> dict:
@@ -175,7 +117,7 @@ def test_embedded_backend_rolls_out_refuses_and_rolls_back(engine, tmp_path, fig
     settings = Settings(
         model_repository=repo, model_name="ssd300_onnx", model_poll_s=0.2, backend=engine
     )
-    with run_service(settings) as live, Load(live.url) as load:
+    with run_service(settings) as live, Load(live.url, JPEG, params=PARAMS) as load:
         facts = roll_out_and_back(live.url, repo, "onnx", load)
         info = models(live.url)
         refused = live.metric("ssd_model_versions_refused_total", model="ssd300_onnx")
@@ -200,7 +142,7 @@ def test_triton_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
     write_version(repo, "python", 1)
     with running_triton(repo, ["ssd300_python"], tmp_path / "triton.log") as server:
         settings = triton_settings(server.grpc_url, repo, model_poll_s=0.2)
-        with run_service(settings) as live, Load(live.url) as load:
+        with run_service(settings) as live, Load(live.url, JPEG, params=PARAMS) as load:
             facts = roll_out_and_back(live.url, repo, "python", load)
             info = models(live.url)
     check_answers(load, facts)
@@ -241,7 +183,7 @@ def test_old_versions_are_released(engine, tmp_path, figures):
     copy_version(sources[0], store, 1)
     proc, url = start_service(repo, "--backend", engine, env={"SSD_MODEL_POLL_S": "0.2"})
     try:
-        with Load(url, clients=2) as load:
+        with Load(url, JPEG, clients=2, params=PARAMS) as load:
             rss = []
             for number in range(2, 12):
                 copy_version(sources[number % 2], store, number)

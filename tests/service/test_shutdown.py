@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
+from devtools.images import encode, photo
 from tests.service.conftest import start_service
-from tests.service.images import encode, photo
 
 pytestmark = pytest.mark.slow
 

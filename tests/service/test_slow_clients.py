@@ -17,8 +17,9 @@ import httpx
 import psutil
 import pytest
 
+from devtools.images import encode, photo
+from devtools.raw_uploads import request_head
 from tests.service.conftest import start_service
-from tests.service.images import encode, photo
 
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(640, 480, seed=3), "JPEG")
@@ -59,13 +60,6 @@ def multipart(boundary: str = "XyZ", image: bytes = JPEG) -> tuple[bytes, str]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-def request_head(port: int, length: int, content_type: str) -> bytes:
-    return (
-        f"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    ).encode()
 
 
 def port_of(url: str) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from devtools.images import encode, photo
+from devtools.triton_server import running_triton
 from tests.service.conftest import run_service, triton_settings
-from tests.service.images import encode, photo
-from tests.triton_server import running_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -47,9 +47,9 @@ def test_poll_mode_over_a_dns_name_follows_tritons_own_rollout(tmp_path):
     asks it to load, and labels the answers with the version Triton served."""
     import time
 
+    from devtools.triton_server import start_triton
     from ssdcore.repository import ModelStore
     from tests.service.test_rollout import copy_version, write_version
-    from tests.triton_server import start_triton
 
     repo = tmp_path / "repo"
     write_version(repo, "python", 1)
@@ -75,8 +75,13 @@ def test_poll_mode_over_a_dns_name_follows_tritons_own_rollout(tmp_path):
                 time.sleep(0.2)
             # Triton refuses explicit loads in poll mode ("explicit model load / unload is not
             # allowed if polling is enabled"): had the gateway asked, v2 would show as refused
-            versions = c.get("/v1/models").json()["models"][0]["versions"]
-            assert versions["served"] == "2" and versions["refused"] is None
+            # the gateway learns of Triton's switch at its next repository check (0.2 s here)
+            while (versions := c.get("/v1/models").json()["models"][0]["versions"])[
+                "served"
+            ] != "2":
+                assert time.monotonic() < deadline + 10, versions
+                time.sleep(0.1)
+            assert versions["refused"] is None, versions
     finally:
         server.stop()
 

@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 
+from devtools.images import encode, photo
+from devtools.load import Load
+from devtools.triton_server import start_triton
 from tests.service.conftest import run_service, triton_settings
-from tests.service.images import encode, photo
-from tests.triton_server import start_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = encode(photo(), "JPEG")
-
-
-class Load:
-    """Background clients posting images; records (start, end, status) of every request."""
-
-    def __init__(self, url: str, clients: int = 3) -> None:
-        self.url = url
-        self.records: list[tuple[float, float, int]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    status = c.post("/v1/detect", files={"image": ("x.jpg", JPEG)}).status_code
-                except httpx.HTTPError:
-                    status = -1
-                self.records.append((t0, time.monotonic(), status))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def wait_for(predicate, timeout: float, step: float = 0.05) -> float:
@@ -68,24 +38,28 @@ def test_triton_killed_and_restarted(model_repo, tmp_path, figures):
         triton_timeout_s=5.0,
     )
     try:
-        with run_service(settings) as live, Load(live.url) as load:
-            wait_for(lambda: any(s == 200 for _, _, s in load.records), 30)
+        with run_service(settings) as live, Load(live.url, JPEG, clients=3, timeout=30) as load:
+            wait_for(lambda: any(a.status == 200 for a in load.answers), 30)
             killed_at = time.monotonic()
             server.proc.send_signal(signal.SIGKILL)
             server.proc.wait()
             first_503 = wait_for(
-                lambda: any(s == 503 and t1 > killed_at for _, t1, s in load.records), 10
+                lambda: any(a.status == 503 and a.end > killed_at for a in load.answers), 10
             )
             assert httpx.get(live.url + "/readyz").status_code == 503
             time.sleep(1.0)
             server = start_triton(model_repo, ["ssd300_python"], log, ports=ports)
             ready_at = time.monotonic()
             recovery = wait_for(
-                lambda: any(s == 200 and t0 > ready_at for t0, _, s in load.records), 15
+                lambda: any(a.status == 200 and a.start > ready_at for a in load.answers), 15
             )
             wait_for(lambda: httpx.get(live.url + "/readyz").status_code == 200, 5)
-        statuses = {s for _, _, s in load.records}
-        hung = [t1 - t0 for t0, t1, _ in load.records if t1 - t0 > settings.request_timeout_s + 1]
+        statuses = {a.status for a in load.answers}
+        hung = [
+            a.end - a.start
+            for a in load.answers
+            if a.end - a.start > settings.request_timeout_s + 1
+        ]
     finally:
         server.stop()
     figures(

@@ -10,18 +10,25 @@ import contextlib
 import resource
 import socket
 import statistics
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
+from devtools.raw_uploads import (
+    BIG,
+    Trickler,
+    idle_connection,
+    partial_upload,
+    request_head,
+    source,
+)
 from service.admission import UploadAdmission, UploadDropped, client_address, parse_networks
 from service.errors import ApiError
 from service.metrics import Metrics
 from tests.service.conftest import start_service
-from tests.service.test_slow_clients import multipart, normal_request, port_of, request_head
+from tests.service.test_slow_clients import multipart, normal_request, port_of
 
 # ----------------------------------------------------------------------------- the object
 
@@ -81,8 +88,6 @@ def test_the_client_address_behind_trusted_proxies_only():
 
 # ----------------------------------------------------------------------------- the attacks
 
-BIG = 9 * 1024 * 1024  # what each attacking upload says it will send
-
 
 @pytest.fixture(scope="module", autouse=True)
 def enough_descriptors():
@@ -107,27 +112,6 @@ def service(model_repo, monkeypatch):
     for proc in started:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def source(i: int) -> str:
-    """Loopback addresses other than 127.0.0.1 (which the normal requests use)."""
-    return f"127.0.{1 + i // 250}.{2 + i % 250}"
-
-
-def partial_upload(port: int, address: str, first: bytes = b"--XyZ\r\n") -> socket.socket:
-    s = socket.socket()
-    s.bind((address, 0))
-    s.settimeout(30)
-    s.connect(("127.0.0.1", port))
-    s.sendall(request_head(port, BIG, "multipart/form-data; boundary=XyZ") + first)
-    return s
-
-
-def idle_connection(port: int, address: str) -> socket.socket:
-    s = socket.socket()
-    s.bind((address, 0))
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def latencies(url: str, n: int) -> tuple[list[int], list[float]]:
@@ -207,27 +191,7 @@ def test_trickling_uploads_beyond_any_count_refuse_no_normal_request(service, fi
     _, unloaded = latencies(url, 15)
     rss0 = psutil.Process(proc.pid).memory_info().rss
     socks = [partial_upload(port, source(i)) for i in range(n)]
-    stop = threading.Event()
-    answered: list[bytes] = []
-
-    def trickle() -> None:  # every socket 1.5x the minimum rate, in 10 pieces a second
-        piece = b"x" * int(1.5 * rate / 10)
-        alive = list(socks)
-        while alive and not stop.is_set():
-            t0 = time.monotonic()
-            for s in list(alive):
-                try:
-                    s.sendall(piece)
-                except OSError:  # dropped: the server answered and closed
-                    alive.remove(s)
-                    try:
-                        answered.append(s.recv(4096))
-                    except OSError:
-                        answered.append(b"")
-            stop.wait(max(0.0, 0.1 - (time.monotonic() - t0)))
-
-    thread = threading.Thread(target=trickle)
-    thread.start()
+    trickler = Trickler(socks, 1.5 * rate).start()  # 1.5x the minimum rate each
     statuses, loaded, held, rss = [], [], [], []
     t_end = time.monotonic() + 20
     while time.monotonic() < t_end:
@@ -238,8 +202,8 @@ def test_trickling_uploads_beyond_any_count_refuse_no_normal_request(service, fi
         rss.append(psutil.Process(proc.pid).memory_info().rss)
         time.sleep(0.3)
     dropped = metric(url, "ssd_rejected_total", reason="upload_dropped")
-    stop.set()
-    thread.join(30)
+    trickler.close()
+    answered = trickler.answered
     for s in socks:
         s.close()
     assert set(statuses) == {200}, statuses  # none refused

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms
 
+from devtools.network_outputs import random_outputs
+from devtools.reference_decode import reference_decode_single
 from ssdcore.anchors import default_boxes
 from ssdcore.postprocess import (
     classwise_nms,
@@ -18,27 +20,8 @@ from ssdcore.postprocess import (
     softmax,
 )
 from ssdcore.spec import Postprocess
-from tests.reference_decode import reference_decode_single
 
 ANCHORS = np.array(default_boxes())
-
-
-def random_outputs(rng: np.random.Generator, kind: str, n: int = 1):
-    """Network-like outputs: 'random' logits (tens of thousands of candidates above 0.05), or
-    'peaky' / 'sparse' ones where background dominates and a few objects are each claimed by a
-    cluster of anchors (about 1.5k / a few hundred candidates: a trained model's usual output)."""
-    locs = rng.normal(0, 1, (n, 4, 8732)).astype(np.float32)
-    logits = rng.normal(0, 1, (n, 81, 8732)).astype(np.float32)
-    if kind != "random":
-        background, objects = {"peaky": (6.0, 8), "sparse": (7.5, 5)}[kind]
-        logits[:, 0] += background
-        for i in range(n):
-            for _ in range(objects):
-                cls = rng.integers(1, 81)
-                centre = rng.integers(0, 8732)
-                cluster = np.clip(centre + rng.integers(-40, 40, size=60), 0, 8731)
-                logits[i, cls, cluster] += rng.uniform(6, 12, size=cluster.size)
-    return locs, logits
 
 
 def as_sorted_rows(boxes, scores, labels):

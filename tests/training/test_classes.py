@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.images import encode, photo
+from devtools.reference_decode import reference_decode_single
 from service.settings import Settings
 from ssdcore.labels import ClassList
 from ssdcore.postprocess import postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS
-from tests.reference_decode import reference_decode_single
 from tests.service.conftest import run_service
-from tests.service.images import encode, photo
 from tests.training.conftest import job, run_train
 from training.checkpoint import read_checkpoint
 from training.data.coco import DataError, load_index

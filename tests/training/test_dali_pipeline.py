@@ -11,7 +11,7 @@ from ssdcore.anchors import default_boxes
 from ssdcore.postprocess import decode_boxes
 from ssdcore.spec import SSD300
 from training.box_coding import BoxEncoder
-from training.data import DaliLoader, TorchTrainLoader, subset_files
+from training.data import TorchTrainLoader, subset_files
 from training.data.coco import load_index
 from training.data.dali import NO_AUGMENT, READER, Augment, DaliTrainLoader, ssd_train_pipeline
 
@@ -119,7 +119,7 @@ def test_max_images_reads_the_same_subset_as_the_torchvision_loader(synthetic_co
     assert len(torch_subset) == 5
     assert [im["id"] for im in torch_subset] == sorted(im["id"] for im in torch_subset)
     five = subset_files(synthetic_coco, 5)
-    loader = DaliLoader(synthetic_coco, 1, 0, 1, 1, 0, torch.device("cpu"), False, images=five)
+    loader = DaliTrainLoader(synthetic_coco, 1, 0, 1, 1, 0, torch.device("cpu"), images=five)
     assert len(loader) == 5  # one epoch is those 5 images, not all 16
 
     # one epoch of 5 is exactly those images (in the reader's shuffled order)

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.triton_server import running_triton
+from devtools.triton_server import running_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 

@@ -65,7 +65,7 @@ def test_gradient_overflow_skips_the_step():
     model, loss_fn, optimizer = small_model()
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)  # fp16 gradients overflow
     before = [p.detach().clone() for p in model.parameters()]
-    loss, stepped = train_step(
+    loss, stepped, _ = train_step(
         model, loss_fn, optimizer, scaler, make_batch(), torch.device("cuda"), True, False
     )
     assert math.isfinite(loss) and not stepped

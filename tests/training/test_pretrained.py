@@ -14,11 +14,11 @@ from ssdcore.labels import COCO, ClassList
 from tests.file_server import Route, Server, hashed_name
 from tests.training.conftest import job, run_train
 from tests.training.test_checkpoint import nvidia_like_state
-from training.checkpoint import CheckpointError, read_checkpoint
+from training.checkpoint import CheckpointError, backbone_of, read_checkpoint
 from training.engine import param_groups
 from training.export import main as export_main
 from training.model import build_model, freeze_backbone
-from training.pretrained import backbone_of, load_pretrained, transfer
+from training.pretrained import load_pretrained, transfer
 from training.synthetic import generate
 
 OWN = ClassList((7, 3, 12), ("Zebra crossing", "Café table", "car"))  # "car" is COCO label 3

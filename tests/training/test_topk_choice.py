@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from devtools.reference_decode import reference_decode_single
 from ssdcore.anchors import default_boxes
 from ssdcore.labels import COCO
 from ssdcore.postprocess import decode_boxes, postprocess, softmax
-from tests.reference_decode import reference_decode_single
 from training.coco_eval import coco_evaluate
 from training.data.coco import CocoEvalDataset
 from training.export import ExportOptions, export

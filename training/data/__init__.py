@@ -1,4 +1,5 @@
-"""Training data loaders: DALI (default) or the torchvision fallback, one interface.
+"""Training data loaders: DALI (default; ``training.data.dali.DaliTrainLoader``, imported only
+when used) or the torchvision fallback here, one interface.
 
 Both iterate (images (N,3,300,300) normalised, boxes (N,8732,4) xywh, labels (N,8732) int64) for
 one epoch per ``for`` loop and can report/restore their position for exact resume.
@@ -89,50 +90,3 @@ def subset_files(data: Path, max_images: int) -> list[str]:
     subset as the torchvision loader's."""
     subset = CocoSplit(data, "train2017", skip_empty=True, max_images=max_images)
     return [im["file_name"] for im in subset.images]
-
-
-class DaliLoader:
-    """DALI pipeline with checkpointing: its state is saved with ours for exact resume."""
-
-    def __init__(
-        self,
-        data: Path,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        threads: int,
-        seed: int,
-        device: torch.device,
-        fp16: bool,
-        state: str | None = None,
-        augment: bool = True,
-        images: list[str] | None = None,
-    ) -> None:
-        """``images``: read only these files (``subset_files`` of ``--max-train-images``)."""
-        from training.data.dali import NO_AUGMENT, RECIPE, DaliTrainLoader
-
-        self.inner = DaliTrainLoader(
-            data,
-            batch_size,
-            rank,
-            world_size,
-            threads,
-            seed,
-            device,
-            fp16=fp16,
-            checkpoint=state,
-            augment=RECIPE if augment else NO_AUGMENT,
-            images=images,
-        )
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        pass  # DALI's own checkpoint already holds the position
-
-    def __iter__(self):
-        return iter(self.inner)
-
-    def state(self) -> str | None:
-        return self.inner.checkpoint()

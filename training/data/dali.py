@@ -20,7 +20,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ssdcore.anchors import default_boxes
 from ssdcore.spec import SSD300, SSD300Spec
-from training.data.augment import NO_AUGMENT, RECIPE, Augment  # noqa: F401 (re-exported)
+from training.data.augment import NO_AUGMENT, RECIPE, Augment
 
 READER = "coco_reader"
 
@@ -111,7 +111,9 @@ def _finish(images, boxes, labels, gpu: bool, fp16: bool, spec: SSD300Spec, with
 
 
 class DaliTrainLoader:
-    """Iterates (images (N,3,300,300), boxes (N,8732,4) xywh, labels (N,8732) int64) per epoch.
+    """Iterates (images (N,3,300,300), boxes (N,8732,4) xywh, labels (N,8732) int64) per epoch,
+    with the interface of ``training.data.TorchTrainLoader``; its state (reader position, random
+    generators) is saved with the checkpoint for exact resume.
 
     Each rank reads its own shard; ``len()`` is the number of full batches of the shard.
     """
@@ -126,12 +128,16 @@ class DaliTrainLoader:
         seed: int,
         device: torch.device,
         fp16: bool = False,
-        split: str = "train2017",
-        augment: Augment = RECIPE,
-        checkpoint: str | None = None,
+        state: str | None = None,
+        augment: bool | Augment = True,
         images: list[str] | None = None,
+        split: str = "train2017",
     ) -> None:
-        """``images``: read only these files (relative to the split folder); default: all."""
+        """``state``: a ``state()`` of an earlier run to continue from; ``augment``: the recipe's
+        augmentation (True), resize and normalise only (False), or an ``Augment``; ``images``:
+        read only these files (relative to the split folder; ``subset_files``)."""
+        if isinstance(augment, bool):
+            augment = RECIPE if augment else NO_AUGMENT
         gpu = device.type == "cuda"
         self.pipe = ssd_train_pipeline(
             batch_size=batch_size,
@@ -148,7 +154,7 @@ class DaliTrainLoader:
             images=images,
             prefetch_queue_depth=2,
             enable_checkpointing=True,
-            checkpoint=checkpoint,
+            checkpoint=state,
         )
         self.pipe.build()
         self.iterator = DALIGenericIterator(
@@ -163,10 +169,13 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.iterator)
 
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        pass  # the pipeline's own state already holds the position
+
     def __iter__(self):
         for (batch,) in self.iterator:
             yield batch["images"], batch["boxes"], batch["labels"].long().squeeze(-1)
 
-    def checkpoint(self) -> str:
+    def state(self) -> str:
         """The pipeline's serialised state (reader position, random generators)."""
         return self.iterator.checkpoints()[0]

@@ -11,9 +11,14 @@ import torch
 
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import file_sha256
-from training.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    num_classes_of,
+    read_checkpoint,
+    recorded_classes,
+)
 from training.model import SSD300, build_model, calibrate_random_model
-from training.pretrained import num_classes_of, recorded_classes
 
 
 @dataclass
