@@ -146,6 +146,11 @@ def test_probes_drain_and_wiring(case):
     headless = next(s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None")
     assert headless["metadata"]["name"] == f"{triton_name}-pods"
     assert headless["spec"]["selector"] == triton["spec"]["selector"]["matchLabels"]
+    metrics_port = values.get("gateway", {}).get("metricsPort", 9100)
+    if metrics_port:  # 0: /metrics stays on the API's port (the setting must then be unset)
+        assert e["SSD_METRICS_PORT"] == str(metrics_port)
+    else:
+        assert "SSD_METRICS_PORT" not in e
     control = values.get("triton", {}).get("modelControl", "poll")
     assert e["SSD_TRITON_MODEL_CONTROL"] == control
     assert e["SSD_MODEL_NAME"] == values.get("model", {}).get("name", "ssd300_onnx")
@@ -327,3 +332,18 @@ def test_k8s_test_without_a_cluster_says_why(tmp_path):
         assert proc.returncode == code, proc.stdout + proc.stderr
         assert "k8s-test skipped: " in proc.stdout
         assert "kubectl is not installed" in proc.stdout or "kube context" in proc.stdout
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_gateway_accepts_its_rendered_settings(case, monkeypatch):
+    """Every SSD_ variable the chart sets is one the gateway's Settings reads and accepts (the
+    API key, from a Secret, stands in as a literal)."""
+    from service.settings import Settings
+
+    g = container(one(RENDERED[case], "Deployment", "gateway"), "gateway")
+    names = set(Settings.model_fields)
+    for name, value in env(g).items():
+        assert name.startswith("SSD_") and name[4:].lower() in names, name
+        monkeypatch.setenv(name, value if isinstance(value, str) else "a-key-from-the-secret")
+    settings = Settings()
+    assert settings.backend == "triton" and settings.model_repository.as_posix() == "/models"
