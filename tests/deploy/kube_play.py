@@ -76,7 +76,7 @@ def copy_image(env: dict, tag: str) -> float:
 
 
 class Played:
-    """One manifest file played; ``down`` removes its pods and the volumes they made."""
+    """One manifest file played; ``down`` removes its pods."""
 
     def __init__(self, env: dict, objects: list[dict], folder: Path, name: str) -> None:
         self.env = env

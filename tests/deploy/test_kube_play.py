@@ -137,7 +137,7 @@ def played(images, repo, tmp_path_factory):
         triton_ip = triton.ip()
         ready = f"http://{triton_ip}:8000/v2/models/{MODEL}/ready"  # its readiness probe
         try:
-            FIGURES["triton: play to model ready s"] = round(wait_for(ready, 180) + 0, 1)
+            FIGURES["triton: play to model ready s"] = round(wait_for(ready, 180), 1)
         except AssertionError:
             raise AssertionError(triton.logs()) from None
         rendered = render(values(triton_image, port, metrics, f"{triton_ip}:8001"), RELEASE,
@@ -223,17 +223,13 @@ def test_a_new_version_rolls_out_in_the_played_pods(played, repo):
     """Poll mode as the chart runs it: a version copied into the claim is loaded by Triton
     itself, and the gateway labels its answers with it, with no restart of either pod."""
     from ssdcore.repository import ModelStore
+    from tests.service.test_rollout import copy_version
 
     store = ModelStore(repo, MODEL)
-    source = store.version(1).path
-    staging = store.path / ".staging-2-copy"
-    shutil.copytree(source, staging)
-    meta = json.loads((staging / "metadata.json").read_text())
-    (staging / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
-    for path in [staging, *staging.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
     t0 = time.monotonic()
-    staging.rename(store.path / "2")
+    copy_version(store.version(1).path, store, 2)  # appears in one rename, as the export's
+    for path in [store.version(2).path, *store.version(2).path.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the pods' users
     body = encode(photo(320, 240, seed=3), "JPEG")
     while True:
         r = httpx.post(played["url"] + "/v1/detect", files={"image": ("a.jpg", body)},
