@@ -17,6 +17,7 @@ import numpy as np
 from service.errors import ApiError
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import CLASSES, ModelVersion, RepositoryError
+from ssdcore.spec import TENSOR_NAMES
 
 log = logging.getLogger("service")
 
@@ -167,8 +168,9 @@ def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
     # Triton's JSON metadata gives dimensions as strings
     inputs = [{**t, "shape": [int(d) for d in t["shape"]]} for t in inputs]
     outputs = [{**t, "shape": [int(d) for d in t["shape"]]} for t in outputs]
-    want_in = {"images": ("UINT8", [300, 300, 3])}
-    want_out = {"boxes": "FP32", "scores": "FP32", "classes": "INT32"}
+    names = TENSOR_NAMES
+    want_in = {names.images: ("UINT8", [300, 300, 3])}
+    want_out = {names.boxes: "FP32", names.scores: "FP32", names.classes: "INT32"}
     by_name = {t["name"]: t for t in inputs}
     for name, (dtype, shape) in want_in.items():
         t = by_name.get(name)
@@ -178,8 +180,9 @@ def check_contract(inputs: list[dict], outputs: list[dict]) -> int:
     for name, dtype in want_out.items():
         if name not in out or out[name]["datatype"] != dtype:
             raise RuntimeError(f"model output {name!r} must be {dtype}, got {out.get(name)}")
-    k = int(out["scores"]["shape"][1])
-    if list(out["boxes"]["shape"][1:]) != [k, 4] or int(out["classes"]["shape"][1]) != k:
+    k = int(out[names.scores]["shape"][1])
+    boxes_shape = list(out[names.boxes]["shape"][1:])
+    if boxes_shape != [k, 4] or int(out[names.classes]["shape"][1]) != k:
         raise RuntimeError("model outputs boxes [N, K, 4], scores [N, K], classes [N, K] disagree")
     return k
 
