@@ -45,3 +45,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def goal(what: str, met: bool, measured: str) -> str:
+    """One line saying whether a measured figure meets its goal."""
+    return f"Goal, {what}: **{'met' if met else 'missed'}** ({measured})."

@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import openvino as ov
 
-from benchmarks.common import cpu_flags, cpu_name, machine, table
+from benchmarks.common import cpu_flags, cpu_name, goal, machine, table
 from benchmarks.gateway_bench import jpeg, load, start
 from loadtest.processes import free_port, service_command
 from training.export import ExportOptions, export
@@ -241,7 +241,12 @@ def main() -> None:
         repo = exported(tmp) if set(args.parts) - {"accuracy"} else None
         if "speed" in args.parts:
             print("\nServed graph (ResNet-50), all cores, ms/image (medians), ratio to ORT fp32:")
-            print(table(["batch", "engine", "ms/image", "vs ORT fp32"], speed(repo, args.repeats)))
+            rows = speed(repo, args.repeats)
+            print(table(["batch", "engine", "ms/image", "vs ORT fp32"], rows))
+            int8 = [float(r[3].rstrip("x")) for r in rows if r[1] == "OpenVINO INT8"]
+            print()
+            print(goal("OpenVINO INT8 at least 3x ONNX Runtime fp32 at batch 1 and 8",
+                       min(int8) >= 3, " / ".join(f"{v:.2f}x" for v in int8)))  # fmt: skip
         if "shapes" in args.parts:
             print("\nOpenVINO INT8: dynamic batch vs a shape fixed per batch size, ms/image:")
             print(table(["batch", "dynamic", "compile s", "fixed", "compile s", "ratio"],
@@ -251,12 +256,22 @@ def main() -> None:
             print(table(["nodes", "ms/image", "share"], profile(repo)))
         if "accuracy" in args.parts:
             print("\nTrained ResNet-18 (synthetic set), mAP on its validation images:")
-            print(table(["engine", "mAP", "vs fp32"], accuracy(tmp)))
+            rows = accuracy(tmp)
+            print(table(["engine", "mAP", "vs fp32"], rows))
+            kept = [float(r[2].rstrip("%")) for r in rows if r[0].startswith("INT8")]
+            print()
+            print(goal("INT8 mAP at least 99 % of fp32 on both engines", min(kept) >= 99,
+                       " / ".join(f"{v:.1f} %" for v in kept)))  # fmt: skip
         if "gateway" in args.parts:
             print(f"\nGateway end to end, 640x480 JPEGs, 8 client threads, {args.seconds:.0f} s "
                   "per run, two runs:")  # fmt: skip
+            rows = gateway(repo, args.seconds)
             print(table(["backend", "model", "precision", "images/s (runs)", "vs ORT fp32",
-                         "errors"], gateway(repo, args.seconds)))  # fmt: skip
+                         "errors"], rows))  # fmt: skip
+            best = float(rows[-1][4].rstrip("x"))  # OpenVINO INT8 comes last
+            print()
+            print(goal("the OpenVINO INT8 service at least 2.5x the ONNX Runtime fp32 one",
+                       best >= 2.5, f"{best:.2f}x"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import machine, median_seconds, table
+from benchmarks.common import goal, machine, median_seconds, table
 from loadtest.processes import NotReady, free_port, service_command, wait_ready
 
 
@@ -194,14 +194,23 @@ def main() -> None:
     if "cost" in args.parts:
         print("\nGateway CPU per image, zero-cost backend, 4 concurrent clients:")
         headers = ["image", "JPEG size", "decoding", "gateway CPU ms/image", "req/s", "errors"]
-        print(table(headers, gateway_cost(args.seconds)))
+        rows = gateway_cost(args.seconds)
+        print(table(headers, rows))
+        small = [float(r[3]) for r in rows if r[0] == "640x480"]
+        print()
+        print(goal("at most 3 ms of gateway CPU per 640x480 image", max(small) <= 3,
+                   " / ".join(f"{v:.2f} ms" for v in small)))  # fmt: skip
     if "decode" in args.parts:
         print("\nDecoding one 640x480 JPEG, this process, one thread (median ms):")
         print(table(["step", "ms"], decode_breakdown()))
     if "efficiency" in args.parts:
         print("\nEfficiency over the embedded ONNX Runtime backend (640x480 JPEG):")
         headers = ["concurrency", "direct backend images/s", "HTTP images/s", "ratio", "errors"]
-        print(table(headers, efficiency(args.repo, args.seconds)))
+        rows = efficiency(args.repo, args.seconds)
+        print(table(headers, rows))
+        ratio = float(rows[0][3])
+        print()
+        print(goal("HTTP at least 0.95 of the direct backend", ratio >= 0.95, f"{ratio:.2f}"))
 
 
 PARTS = ["cost", "decode", "efficiency"]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from benchmarks.common import machine, median_seconds, table
+from benchmarks.common import goal, machine, median_seconds, table
 from devtools.network_outputs import random_outputs
 from devtools.reference_decode import reference_decode_single
 from ssdcore.anchors import default_boxes
@@ -31,7 +31,7 @@ from ssdcore.postprocess import decode_boxes, postprocess_dense, softmax
 def main() -> None:
     torch.set_num_threads(1)
     anchors = np.array(default_boxes())
-    rows = []
+    rows, speedup, ms = [], {}, {}
     for kind, images, ref_repeats in (("random", 3, 1), ("peaky", 5, 3), ("sparse", 5, 5)):
         rng = np.random.default_rng(0)
         ours_ms, ref_ms, cands = [], [], []
@@ -49,6 +49,7 @@ def main() -> None:
                 * median_seconds(lambda b=tb, p=tp: reference_decode_single(b, p), ref_repeats, 0)
             )
         o, r = float(np.median(ours_ms)), float(np.median(ref_ms))
+        speedup[kind], ms[kind] = r / o, o
         rows.append([kind, int(np.median(cands)), f"{o:.2f}", f"{r:.1f}", f"{r / o:.0f}x"])
     print(f"machine: {machine()}, 1 thread")
     print(
@@ -62,6 +63,12 @@ def main() -> None:
             ],
             rows,
         )
+    )
+    fast = speedup["random"]
+    print()
+    print(goal("at least 100x the loop at 20k+ candidates", fast >= 100, f"{fast:.0f}x"))
+    print(
+        goal("under 2 ms for a few hundred candidates", ms["sparse"] < 2, f"{ms['sparse']:.2f} ms")
     )
 
 

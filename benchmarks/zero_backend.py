@@ -15,7 +15,7 @@ import numpy as np
 import uvicorn
 
 from service.app import create_app
-from service.backends import Candidates, ModelInfo
+from service.backends import Candidates, ModelInfo, Refresh, VersionsState
 from service.settings import Settings
 
 
@@ -31,17 +31,33 @@ class ZeroCostBackend:
         self.scores = np.ascontiguousarray(scores)
         self.classes = rng.integers(1, 81, topk).astype(np.int32)
         self.info = ModelInfo("zero", "1", "zero-cost", topk, None)
+        self.versions = VersionsState(served="1", present=["1"])
 
     async def start(self) -> None:
         pass
 
-    async def infer(self, images: np.ndarray, timeout: float | None = None) -> Candidates:
+    def pin(self) -> None:
+        return None  # one version, never replaced
+
+    def unpin(self, pin: None) -> None:
+        return None
+
+    async def infer(
+        self, images: np.ndarray, timeout: float | None = None, pin: None = None
+    ) -> Candidates:
         n = images.shape[0]
         return Candidates(
             np.broadcast_to(self.boxes, (n, *self.boxes.shape)),
             np.broadcast_to(self.scores, (n, *self.scores.shape)),
             np.broadcast_to(self.classes, (n, *self.classes.shape)),
+            self.info.version,
         )
+
+    def info_for(self, version: str) -> ModelInfo:
+        return self.info
+
+    async def refresh(self) -> Refresh:
+        return Refresh()
 
     async def ready(self) -> bool:
         return True

@@ -65,51 +65,54 @@ class Step(NamedTuple):
     nonfinite: bool  # the loss was not finite on some rank (every rank skipped the step)
 
 
-def train_step(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    device: torch.device,
-    amp: bool,
-    channels_last: bool,
-    info: DistInfo | None = None,
-) -> Step:
-    """One optimizer step.
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimizer step, called with a batch; holds what every step of a run shares.
 
     A non-finite loss on any rank makes every rank skip the step together (parameters stay
     identical across ranks; one all-reduce of a flag decides it, and ``Step.nonfinite`` carries
     it to :func:`check_nonfinite`); with AMP, GradScaler also skips steps whose gradients
     overflowed.
     """
-    images, boxes, labels = (t.to(device, non_blocking=True) for t in batch)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        locs, logits = model(images)
-    loss = loss_fn(locs.float(), logits.float(), boxes.transpose(1, 2).float(), labels)
-    value = float(loss.detach())
-    bad = not math.isfinite(value)
-    if info is not None:
-        bad = any_rank(bad, info)
-    if bad:
+
+    model: nn.Module  # DDP-wrapped when distributed
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    info: DistInfo | None = None  # None: this process decides alone
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Step:
+        optimizer, scaler = self.optimizer, self.scaler
+        images, boxes, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            locs, logits = self.model(images)
+        loss = self.loss_fn(locs.float(), logits.float(), boxes.transpose(1, 2).float(), labels)
+        value = float(loss.detach())
+        bad = not math.isfinite(value)
+        if self.info is not None:
+            bad = any_rank(bad, self.info)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            # keep DDP's collectives in step: every rank runs backward on something finite
+            (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
+            optimizer.zero_grad(set_to_none=True)
+            return Step(value, False, True)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        # keep DDP's collectives in step: every rank runs backward on something finite
-        (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
-        optimizer.zero_grad(set_to_none=True)
-        return Step(value, False, True)
-    scale_before = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    stepped = scale_before is None or scaler.get_scale() >= scale_before
-    return Step(value, stepped, False)
+        stepped = scale_before is None or scaler.get_scale() >= scale_before
+        return Step(value, stepped, False)
 
 
 def check_nonfinite(stats: StepStats, step: Step, max_streak: int) -> None:
-    """Count consecutive steps whose loss was not finite on some rank (``train_step`` agreed on
+    """Count consecutive steps whose loss was not finite on some rank (``TrainStep`` agreed on
     it across ranks already); every rank stops together when it persists."""
     bad = step.nonfinite
     stats.nonfinite_streak = stats.nonfinite_streak + 1 if bad else 0
@@ -197,21 +200,21 @@ def evaluate(
     return stats, summary
 
 
-def benchmark(cfg, info: DistInfo, ddp, loss_fn, optimizer, scaler, loader, amp: bool) -> int:
+def benchmark(cfg, info: DistInfo, train_step: TrainStep, loader) -> int:
     """The benchmark modes of the training job: median images/s over --benchmark-iterations
-    after --benchmark-warmup (training steps, or forward passes on one batch), the wait for
-    data excluded; the sum over ranks printed as one JSON line by rank 0."""
+    after --benchmark-warmup (the training job's own steps, or forward passes on one batch),
+    the wait for data excluded; the sum over ranks printed as one JSON line by rank 0."""
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     rates: list[float] = []
     total = cfg.benchmark_warmup + cfg.benchmark_iterations
-    channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
+    ddp, amp, channels_last = train_step.model, train_step.amp, train_step.channels_last
     if cfg.mode == "benchmark-training":
         ddp.train()
         while len(rates) < total:
             for batch in loader:  # the time to fetch a batch is not counted
                 sync()
                 t0 = time.perf_counter()
-                train_step(ddp, loss_fn, optimizer, scaler, batch, info.device, amp, channels_last)
+                train_step(batch)
                 sync()
                 rates.append(batch[0].shape[0] / (time.perf_counter() - t0))
                 if len(rates) >= total:

@@ -42,12 +42,12 @@ from training.downloads import DownloadError
 from training.engine import (
     NonFiniteLoss,
     StepStats,
+    TrainStep,
     benchmark,
     check_nonfinite,
     evaluate,
     param_groups,
     set_warmup_lr,
-    train_step,
 )
 from training.loss import MultiboxLoss
 from training.metrics_log import MetricsLog, progress
@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.mode == "evaluation":
         return run_evaluation(cfg, info, model, classes, amp, epoch=at.epoch - 1)
     loader = build_loader(cfg, info, seed, amp, at.data)
+    channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
+    train_step = TrainStep(ddp, loss_fn, optimizer, scaler, info.device, amp, channels_last, info)
     if cfg.mode.startswith("benchmark"):
-        return benchmark(cfg, info, ddp, loss_fn, optimizer, scaler, loader, amp)
+        return benchmark(cfg, info, train_step, loader)
 
     metrics = MetricsLog(cfg, info)
     stop = install_sigterm_handler()
@@ -124,17 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in loader:
             set_warmup_lr(optimizer, scheduler, stats.iteration, cfg.warmup)
             t0 = time.perf_counter()
-            step = train_step(
-                ddp,
-                loss_fn,
-                optimizer,
-                scaler,
-                batch,
-                info.device,
-                amp,
-                cfg.data_layout == "channels_last" and info.device.type == "cuda",
-                info,
-            )
+            step = train_step(batch)
             stats.skipped_steps += not step.stepped
             stats.iteration += 1
             done += 1

@@ -223,7 +223,7 @@ def test_a_new_version_rolls_out_in_the_played_pods(played, repo):
     """Poll mode as the chart runs it: a version copied into the claim is loaded by Triton
     itself, and the gateway labels its answers with it, with no restart of either pod."""
     from ssdcore.repository import ModelStore
-    from tests.service.test_rollout import copy_version
+    from tests.service.versions import copy_version
 
     store = ModelStore(repo, MODEL)
     t0 = time.monotonic()

@@ -8,7 +8,6 @@ version that produced it and only that version's class names.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from devtools.images import encode, photo
 from devtools.load import Load
@@ -25,31 +23,12 @@ from service.settings import Settings
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import MODEL_NAMES, ModelStore
 from tests.service.conftest import run_service, start_service, triton_settings
-from training.export import ExportOptions, Weights, export
-from training.model import build_model, calibrate_random_model
+from tests.service.versions import copy_version, write_version
 
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(320, 240, seed=5), "JPEG")
 PARAMS = {"score_threshold": 0.01}
 PETS = ClassList((7, 8, 9), ("cat", "dog", "bird"))
-
-
-def weights(seed: int, classes: ClassList) -> Weights:
-    """Untrained ResNet-18 weights of their own (seeded), calibrated to give detections."""
-    torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=classes.num_classes)
-    calibrate_random_model(model)
-    source = {"checkpoint": f"seed-{seed}", "sha256": f"{seed:064d}", "backbone": "resnet18"}
-    return Weights(model, classes, source)
-
-
-def write_version(
-    repo: Path, fmt: str, seed: int, classes: ClassList = COCO, version: int | None = None
-) -> int:
-    meta = export(
-        repo, [fmt], weights=weights(seed, classes), opts=ExportOptions(gpu=False), version=version
-    )
-    return meta[fmt].version
 
 
 def models(url: str) -> dict:
@@ -153,16 +132,6 @@ def test_triton_backend_rolls_out_refuses_and_rolls_back(tmp_path, figures):
         summary(load, facts),
         "4 clients, tritonserver 2.51 (Python backend)",
     )
-
-
-def copy_version(source: Path, store: ModelStore, number: int) -> None:
-    """``source`` (a version folder) published again as version ``number``: the same files,
-    appearing in one rename as the export does."""
-    staging = store.path / f".staging-{number}-copy"
-    shutil.copytree(source, staging)
-    meta = json.loads((staging / "metadata.json").read_text())
-    (staging / "metadata.json").write_text(json.dumps({**meta, "version": number}))
-    staging.rename(store.version(number).path)
 
 
 def rss_mb(pid: int) -> float:

@@ -49,7 +49,7 @@ def test_poll_mode_over_a_dns_name_follows_tritons_own_rollout(tmp_path):
 
     from devtools.triton_server import start_triton
     from ssdcore.repository import ModelStore
-    from tests.service.test_rollout import copy_version, write_version
+    from tests.service.versions import copy_version, write_version
 
     repo = tmp_path / "repo"
     write_version(repo, "python", 1)

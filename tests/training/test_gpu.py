@@ -13,7 +13,7 @@ import torch
 from tests.training.conftest import job, read_metrics, run_train
 from training.box_coding import BoxEncoder
 from training.checkpoint import read_checkpoint
-from training.engine import param_groups, train_step
+from training.engine import TrainStep, param_groups
 from training.export import export_torchscript
 from training.export.served import ServedSSD
 from training.loss import MultiboxLoss
@@ -49,10 +49,8 @@ def test_amp_steps_learn_with_fp32_master_weights():
     scaler = torch.amp.GradScaler("cuda")
     batch = make_batch()
     cuda = torch.device("cuda")
-    losses = [
-        train_step(model, loss_fn, optimizer, scaler, batch, cuda, amp=True, channels_last=True)[0]
-        for _ in range(8)
-    ]
+    train_step = TrainStep(model, loss_fn, optimizer, scaler, cuda, amp=True, channels_last=True)
+    losses = [train_step(batch).loss for _ in range(8)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -65,9 +63,8 @@ def test_gradient_overflow_skips_the_step():
     model, loss_fn, optimizer = small_model()
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)  # fp16 gradients overflow
     before = [p.detach().clone() for p in model.parameters()]
-    loss, stepped, _ = train_step(
-        model, loss_fn, optimizer, scaler, make_batch(), torch.device("cuda"), True, False
-    )
+    train_step = TrainStep(model, loss_fn, optimizer, scaler, torch.device("cuda"), amp=True)
+    loss, stepped, _ = train_step(make_batch())
     assert math.isfinite(loss) and not stepped
     assert scaler.get_scale() < 2.0**60
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

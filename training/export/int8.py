@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ssdcore.imaging import model_input
 from ssdcore.labels import ClassList
-from ssdcore.spec import SSD300
+from ssdcore.spec import SSD300, TENSOR_NAMES
 from training.export.served import ServedSSD
 from training.export.writer import class_metadata, export_onnx
 
@@ -99,7 +99,7 @@ def quantize(fp32: Path, out: Path, images: np.ndarray, batch: int = 8) -> dict:
                 self.bar.close()
                 return None
             self.bar.update(len(chunk))
-            return {"images": chunk}
+            return {TENSOR_NAMES.images: chunk}
 
     t0 = time.perf_counter()
     prepared = out.with_name(out.stem + ".prepared.onnx")

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+# the contract's names (ssdcore.spec.TENSOR_NAMES): this file runs inside Triton, without ssdcore
 OUTPUTS = ("boxes", "scores", "classes")
 
 
