@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
-from benchmarks.common import machine, table
+from benchmarks.common import goal, machine, table
 from benchmarks.gateway_bench import jpeg
 from devtools.load import Load
 from devtools.triton_server import start_triton
@@ -133,6 +133,10 @@ def main() -> None:
     headers = ["backend", "switch s, median / max", "latency ms before, p50 / p99",
                "latency ms during a switch, p50 / p99", "requests before / during", "failed"]  # fmt: skip
     print(table(headers, rows))
+    failed = [row[-1] for row in rows]
+    print()
+    print(goal("no failed request through the rollouts", all(f.startswith("0 of") for f in failed),
+               "; ".join(f"{row[0]}: {row[-1]}" for row in rows)))  # fmt: skip
 
 
 if __name__ == "__main__":

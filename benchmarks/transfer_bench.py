@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, table
+from benchmarks.common import goal, machine, table
 from training.synthetic import generate
 
 OWN = [(40, "Zebra crossing"), (12, "car"), (7, "Café table")]
@@ -103,6 +103,10 @@ def main() -> None:
     ]
     print(f"\nown 3-class set ({args.train} training / {args.val} validation images):")
     print(table(["start", "steps", "mAP", "mAP@0.5", "seconds"], rows))
+    tuned, scratch = (runs[k]["eval"]["AP50"] for k in runs)
+    print()
+    print(goal("the fine-tuned run above the one from scratch (mAP@0.5)", tuned > scratch,
+               f"{tuned:.3f} against {scratch:.3f}"))  # fmt: skip
     print("\ntransfer log:")
     for line in runs["fine-tuned from the source checkpoint"]["log"]:
         print(f"    {line}")

@@ -66,6 +66,14 @@ def job(data: Path, *extra: str, batch_size: int = 2, backend: str = "torch") ->
     ]
 
 
+def train_env(nproc: int = 1, env: dict | None = None) -> dict[str, str]:
+    """The environment of a test job: its thread count always set. Left to itself torch takes
+    the machine's physical cores, which on a machine with two threads per core is 1 where 2
+    are set elsewhere, and another thread count is another order of float reductions: two runs
+    compared step by step must have the same."""
+    return {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+
+
 def run_train(
     args: list[str],
     nproc: int = 1,
@@ -74,7 +82,7 @@ def run_train(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run training/train.py through torchrun (CPU, gloo) and return the finished process."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+    full_env = train_env(nproc, env)
     # faults asked for: the job launched through training/faults.py, which installs them
     faults = any(k.startswith("SSD300_FAULT_") for k in (env or {}))
     proc = subprocess.run(
@@ -96,11 +104,11 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# Two fresh CPU runs of one job give bitwise-equal losses in most runs, not in all: a difference
-# of one part in 10^7 at the very first step (before any checkpoint is involved) was seen once
-# in several runs on an Intel Xeon with AMX, where a reduction's order can follow the memory
-# alignment of its data. A resume that lost any state (data order, random generators,
-# optimizer, scheduler, step counters) differs by orders of magnitude more than this bound.
+# Two CPU runs of one job at one thread count (train_env) give bitwise-equal losses; at two
+# thread counts they differ from the third step on (the first two steps agree), one part in 10^6,
+# growing to one in 10^2 by the eighth step. The bound is for a machine whose reductions follow
+# the memory alignment of their data; a resume that lost any state (data order, random
+# generators, optimizer, scheduler, step counters) differs by far more within its first steps.
 RESUME_RTOL = 1e-4
 
 

@@ -16,6 +16,7 @@ from tests.training.conftest import (
     same_tensors,
     step_losses,
     train_command,
+    train_env,
 )
 from training.checkpoint import lock_folder, read_checkpoint
 
@@ -265,6 +266,7 @@ def test_sigterm_saves_and_resume_continues_exactly(synthetic_coco, tmp_path, fi
     proc = subprocess.Popen(
         train_command([*common, "--save", str(first)]),
         cwd=ROOT,
+        env=train_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
