@@ -16,8 +16,8 @@ import pytest
 
 from devtools.images import encode, photo
 from service.settings import Settings
+from tests.service.bad_inputs import BAD_INPUTS
 from tests.service.conftest import run_service, start_service
-from tests.service.test_api import BAD_INPUTS
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -20,9 +20,9 @@ import pytest
 from devtools.images import encode, photo
 from devtools.raw_uploads import request_head
 from tests.service.conftest import start_service
+from tests.service.uploads import multipart, normal_request, port_of
 
 pytestmark = pytest.mark.slow
-JPEG = encode(photo(640, 480, seed=3), "JPEG")
 LARGE = encode(photo(1280, 960, seed=3), "JPEG")  # 46 kB
 TIMEOUTS = {
     "SSD_HEADER_TIMEOUT_S": "2",
@@ -50,22 +50,6 @@ def slow_service(model_repo, monkeypatch):
         proc.wait(timeout=30)
 
 
-def multipart(boundary: str = "XyZ", image: bytes = JPEG) -> tuple[bytes, str]:
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
 def connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     return s
@@ -81,13 +65,6 @@ def seconds_until_closed(sock: socket.socket, t0: float, limit: float = 30) -> t
     except (ConnectionResetError, TimeoutError):
         pass
     return time.monotonic() - t0, got
-
-
-def normal_request(url: str) -> tuple[int, float]:
-    body, ctype = multipart()
-    t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/detect", content=body, headers={"content-type": ctype}, timeout=60)
-    return r.status_code, time.perf_counter() - t0
 
 
 def watch(socks: list[socket.socket], t0: float) -> list[tuple[float, bytes]]:

@@ -28,7 +28,7 @@ from service.admission import UploadAdmission, UploadDropped, client_address, pa
 from service.errors import ApiError
 from service.metrics import Metrics
 from tests.service.conftest import start_service
-from tests.service.test_slow_clients import multipart, normal_request, port_of
+from tests.service.uploads import multipart, normal_request, port_of
 
 # ----------------------------------------------------------------------------- the object
 

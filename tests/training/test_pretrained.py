@@ -12,8 +12,8 @@ import torch
 from loadtest.processes import free_port
 from ssdcore.labels import COCO, ClassList
 from tests.file_server import Route, Server, hashed_name
+from tests.training.checkpoints import nvidia_like_state
 from tests.training.conftest import job, run_train
-from tests.training.test_checkpoint import nvidia_like_state
 from training.checkpoint import CheckpointError, backbone_of, read_checkpoint
 from training.engine import param_groups
 from training.export import main as export_main

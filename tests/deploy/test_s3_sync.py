@@ -1,0 +1,199 @@
+"""The chart's S3 model repository (``model.repository.kind: s3``) without a cluster: the gateway
+sidecar's sync script, as the chart renders it, run with the sidecar's command and environment
+by Debian's /bin/sh and the aws CLI against moto's S3 server on 127.0.0.1, while
+deploy/s3_publish.sh publishes versions the export wrote. What a gateway makes of the copy is
+read by the gateway's own code (service.backends.version_info). Triton reading S3 itself is not
+exercised: the tritonserver here is built without S3 support.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.chart import one, render
+from service.backends import version_info
+from ssdcore.labels import COCO, ClassList
+from ssdcore.repository import ModelStore
+from tests.service.versions import write_version
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("helm_python")
+
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the aws CLI of the dev install
+BUCKET, PREFIX, MODEL = "models", "ssd300", "ssd300_onnx"
+OWN = ClassList((40, 7, 12), ("Zebra crossing", "Café table", "señal de tráfico"))
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, **lower(CREDENTIALS))
+    client.create_bucket(Bucket=BUCKET)
+    yield endpoint, client
+    server.stop()
+
+
+def lower(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def aws_env(tmp: Path, **more: str) -> dict[str, str]:
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(tmp),
+        **CREDENTIALS,
+        **more,
+    }
+
+
+@pytest.fixture
+def sidecar(s3, tmp_path):
+    """The gateway pod's models-sync container, run here: its script from the chart's
+    ConfigMap, its command and environment, with /models and /tmp/staging under tmp_path."""
+    endpoint, _ = s3
+    values = {
+        "model": {"name": MODEL, "repository": {"kind": "s3", "s3": {
+            "bucketPath": f"{BUCKET}/{PREFIX}", "endpoint": endpoint, "syncSeconds": 1}}},
+        "export": {"enabled": False},
+    }  # fmt: skip
+    objects = render(values)
+    script = one(objects, "ConfigMap")["data"]["sync.sh"]
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "sync" / "sync.sh").write_text(script)
+    pod = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "models-sync"]
+    assert container["command"] == ["/bin/sh", "/sync/sync.sh"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SOURCE"] == f"s3://{BUCKET}/{PREFIX}" and env["ENDPOINT"] == endpoint
+    models = tmp_path / "models"
+    paths = {"HOME": str(tmp_path), "MODELS": str(models), "STAGING": str(tmp_path / "staging")}
+    proc = subprocess.Popen(
+        ["/bin/sh", str(tmp_path / "sync" / "sync.sh")],
+        env={**aws_env(tmp_path), **env, **paths},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    yield models
+    os.killpg(proc.pid, signal.SIGTERM)  # the shell and the aws CLI it may be running
+    out, _ = proc.communicate(timeout=30)
+    assert out == "", out  # --only-show-errors: anything it printed is an error
+
+
+def publish(s3, tmp: Path, source: Path, wait_s: float) -> subprocess.Popen:
+    endpoint, _ = s3
+    return subprocess.Popen(
+        ["sh", str(ROOT / "deploy" / "s3_publish.sh"), str(source), f"s3://{BUCKET}/{PREFIX}/"],
+        env=aws_env(tmp, ENDPOINT=endpoint, WAIT_S=str(wait_s)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finished(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    return out
+
+
+def until(condition, timeout: float = 30.0) -> float:
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def keys(client) -> set[str]:
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/").get("Contents", [])
+    return {o["Key"].removeprefix(PREFIX + "/") for o in listed}
+
+
+def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
+    s3, sidecar, tmp_path, figures
+):
+    _, client = s3
+    exported = tmp_path / "exported"
+    assert write_version(exported, "onnx", seed=1) == 1
+    t0 = time.monotonic()
+    finished(publish(s3, tmp_path, exported, 0))
+    store = ModelStore(sidecar, MODEL)
+    until(lambda: store.version(1).has_metadata())
+    first_copy_s = time.monotonic() - t0
+    copied = sorted(p.name for p in store.version(1).path.iterdir())
+    assert copied == ["classes.json", "labels.txt", "metadata.json"]  # never the model file
+    assert version_info(store.version(1), "triton", 0).classes == COCO
+    assert f"{MODEL}/1/model.onnx" in keys(client)
+
+    # version 2 with its own classes, an export in progress beside it: the class list and
+    # metadata are in every gateway's copy while the model file Triton loads is not yet in S3
+    assert write_version(exported, "onnx", seed=2, classes=OWN) == 2
+    in_progress = exported / MODEL / ".staging-3-4242"
+    in_progress.mkdir()
+    (in_progress / "model.onnx").write_bytes(b"half")
+    proc = publish(s3, tmp_path, exported, 8)
+    labelled_s = until(lambda: store.version(2).has_metadata())
+    assert f"{MODEL}/2/model.onnx" not in keys(client), "the model file went before its labels"
+    assert version_info(store.version(2), "triton", 0).classes == OWN
+    out = finished(proc)
+    assert "published" in out
+    uploaded = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/2/model.onnx")
+    assert uploaded["ContentLength"] == (exported / MODEL / "2" / "model.onnx").stat().st_size
+    assert not any(".staging-" in k for k in keys(client))
+    assert not (store.path / "2" / "model.onnx").exists()
+
+    # a version without its metadata.json in S3 (an upload cut short) is not copied
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/3/classes.json", Body=b"[]")
+    # rollback: version 2 removed from S3 leaves every gateway's copy
+    for key in [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]:
+        client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    rollback_s = until(lambda: not store.version(2).path.exists())
+    time.sleep(2.5)  # two more sync periods
+    assert [v.number for v in store.versions()] == [1]
+    assert [p.name for p in store.path.iterdir() if p.name.startswith(".")] == []
+    figures(
+        "S3 repository: the chart's sync sidecar and deploy/s3_publish.sh (moto S3, aws CLI)",
+        "labels in the gateways' copy before the model file is in S3; rollback removes a version",
+        f"first version in the copy {first_copy_s:.1f} s after its publish began (no wait); the "
+        f"next one's labels {labelled_s:.1f} s after (its model file held back 8 s)",
+        f"removed from the copy {rollback_s:.1f} s after it left S3 (sync every 1 s)",
+    )
+
+
+def test_publish_refuses_what_it_cannot_publish(tmp_path):
+    script = str(ROOT / "deploy" / "s3_publish.sh")
+    env = aws_env(tmp_path)
+    for args, said in [
+        ([], "usage"),
+        ([str(tmp_path / "none"), "s3://b/p"], "is not a folder"),
+        ([str(tmp_path), "/local/path"], "is not an s3:// URL"),
+    ]:
+        proc = subprocess.run(["sh", script, *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
+    assert shutil.which("aws", path=env["PATH"]), "the aws CLI of the dev install"
+    assert os.access(script, os.X_OK)
