@@ -148,24 +148,30 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     copied = sorted(p.name for p in store.version(1).path.iterdir())
     assert copied == ["classes.json", "labels.txt", "metadata.json"]  # never the model file
     assert version_info(store.version(1), "triton", 0).classes == COCO
-    assert f"{MODEL}/1/model.onnx" in keys(client)
+    assert {f"{MODEL}/1/model.onnx", f"{MODEL}/1/metadata.json", f"{MODEL}/config.pbtxt"} <= keys(
+        client
+    )
 
-    # version 2 with its own classes, an export in progress beside it: the class list and
-    # metadata are in every gateway's copy while the model file Triton loads is not yet in S3
+    # version 2 with its own classes, an export in progress beside it: its class list is in
+    # every gateway's copy while S3 holds nothing of it where Triton looks
     assert write_version(exported, "onnx", seed=2, classes=OWN) == 2
     in_progress = exported / MODEL / ".staging-3-4242"
     in_progress.mkdir()
     (in_progress / "model.onnx").write_bytes(b"half")
     proc = publish(s3, tmp_path, exported, 8)
     labelled_s = until(lambda: store.version(2).has_metadata())
-    assert f"{MODEL}/2/model.onnx" not in keys(client), "the model file went before its labels"
+    seen_by_triton = [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]
+    assert seen_by_triton == [], "version 2 showed in Triton's repository before its labels"
     assert version_info(store.version(2), "triton", 0).classes == OWN
     out = finished(proc)
-    assert "published" in out
+    assert f"published {MODEL}/2/model.onnx" in out, out
     uploaded = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/2/model.onnx")
     assert uploaded["ContentLength"] == (exported / MODEL / "2" / "model.onnx").stat().st_size
-    assert not any(".staging-" in k for k in keys(client))
+    assert not any(".staging-" in k or ".next-" in k for k in keys(client)), keys(client)
+    time.sleep(2.5)  # two sync periods: read from MODEL/2/ now, the copy stays
+    assert [v.number for v in store.versions()] == [1, 2]
     assert not (store.path / "2" / "model.onnx").exists()
+    assert "nothing new" in finished(publish(s3, tmp_path, exported, 0))
 
     # a version without its metadata.json in S3 (an upload cut short) is not copied
     client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/3/classes.json", Body=b"[]")
@@ -178,7 +184,8 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     assert [p.name for p in store.path.iterdir() if p.name.startswith(".")] == []
     figures(
         "S3 repository: the chart's sync sidecar and deploy/s3_publish.sh (moto S3, aws CLI)",
-        "labels in the gateways' copy before the model file is in S3; rollback removes a version",
+        "labels in the gateways' copy before Triton's repository holds any file of the version; "
+        "rollback removes a version",
         f"first version in the copy {first_copy_s:.1f} s after its publish began (no wait); the "
         f"next one's labels {labelled_s:.1f} s after (its model file held back 8 s)",
         f"removed from the copy {rollback_s:.1f} s after it left S3 (sync every 1 s)",
@@ -188,10 +195,16 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
 def test_publish_refuses_what_it_cannot_publish(tmp_path):
     script = str(ROOT / "deploy" / "s3_publish.sh")
     env = aws_env(tmp_path)
+    two_files = tmp_path / "python"  # the python format: model.py and model.onnx
+    version = two_files / "ssd300_python" / "1"
+    version.mkdir(parents=True)
+    for name in ("model.py", "model.onnx", "metadata.json"):
+        (version / name).write_text("{}")
     for args, said in [
         ([], "usage"),
         ([str(tmp_path / "none"), "s3://b/p"], "is not a folder"),
         ([str(tmp_path), "/local/path"], "is not an s3:// URL"),
+        ([str(two_files), "s3://b/p"], "one is needed"),
     ]:
         proc = subprocess.run(["sh", script, *args], env=env, capture_output=True, text=True)
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)

@@ -86,6 +86,60 @@ def test_poll_mode_over_a_dns_name_follows_tritons_own_rollout(tmp_path):
         server.stop()
 
 
+def test_poll_mode_and_versions_that_appear_in_pieces(tmp_path):
+    """Why deploy/s3_publish.sh publishes as it does, on a local repository (the tritonserver
+    here cannot read S3). Triton, polling: ignores MODEL/.next-N/ (where the class list goes
+    first); tries a version folder it finds incomplete once, fails, and keeps serving the old
+    version (no failed request); and does not try that version again when the rest of its
+    files arrive (tritonserver 2.51), so a version must appear complete."""
+    import os
+    import shutil
+    import time
+
+    from devtools.triton_server import start_triton
+    from ssdcore.repository import CLASSES, LABELS, METADATA, MODEL_FILES, ModelStore
+    from tests.service.versions import write_version
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "exported"
+    write_version(repo, "python", 1)
+    write_version(elsewhere, "python", 2, version=2)
+    store, source = ModelStore(repo, "ssd300_python"), ModelStore(elsewhere, "ssd300_python")
+    server = start_triton(repo, [], tmp_path / "triton.log", poll_s=1)
+    body = encode(photo(seed=1), "JPEG")
+    try:
+        settings = triton_settings(server.grpc_url, repo, triton_model_control="poll",
+                                   model_poll_s=0.2)  # fmt: skip
+
+        def small_files_into(folder) -> None:
+            folder.mkdir()
+            for name in (CLASSES, LABELS, METADATA):
+                shutil.copyfile(source.version(2).file(name), folder / name)
+
+        with run_service(settings) as live, live.client() as c:
+
+            def served_for(seconds: float) -> set[str]:
+                versions, t0 = set(), time.monotonic()
+                while time.monotonic() - t0 < seconds:
+                    r = c.post("/v1/detect", files={"image": ("a.jpg", body)})
+                    assert r.status_code == 200, (r.text, server.log()[-3000:])
+                    versions.add(r.json()["model"]["version"])
+                    time.sleep(0.1)
+                return versions
+
+            small_files_into(store.path / ".next-2")
+            assert served_for(3) == {"1"}  # three polls
+            assert "ssd300_python:2" not in server.log()
+            small_files_into(store.version(2).path)  # a version folder without its model
+            assert served_for(3) == {"1"}
+            assert "loading: ssd300_python:2" in server.log()  # it tried, and failed
+            for name in MODEL_FILES["python"]:  # the rest, each file whole and new
+                shutil.copyfile(source.version(2).file(name), tmp_path / name)
+                os.replace(tmp_path / name, store.version(2).file(name))
+            assert served_for(4) == {"1"}, server.log()[-3000:]  # not tried again
+    finally:
+        server.stop()
+
+
 def test_new_channel_when_the_name_resolves_to_other_addresses(monkeypatch):
     """Triton pods added behind the headless Service: gRPC would only re-resolve the name when
     a connection breaks, so the backend opens a new channel when the addresses change, and
