@@ -4,18 +4,24 @@
 # fails on the way:
 #   1. each new version's class list, labels and metadata go to MODEL/.next-N/, where Triton
 #      does not look and the gateways' sync sidecars do;
-#   2. after one sync period of the sidecars (WAIT_S) every gateway can label version N;
+#   2. it waits WAIT_S, two sync periods of the sidecars and a margin, for every gateway to
+#      have copied them;
 #   3. its model file goes to MODEL/N/: one object, which S3 shows whole or not at all, so the
 #      first time Triton's polling sees version N it is complete (a version Triton finds
 #      incomplete is not loaded when the rest arrives: tritonserver 2.51);
-#   4. its small files follow into MODEL/N/ and MODEL/.next-N/ is removed.
-# Formats with one model file only (onnx, onnx_int8, torchscript); the python format's two
-# files cannot appear at once. Versions already in S3 are left alone; nothing else is deleted
-# (a rollback is `aws s3 rm --recursive s3://BUCKET/PREFIX/MODEL/N/`).
+#   4. its small files follow into MODEL/N/ (metadata.json last: published), and
+#      MODEL/.next-N/ is removed.
+# Formats with one model file only (onnx, onnx_int8, torchscript): the python format's two
+# files cannot appear at once. Versions already in S3 are left alone; a rerun after a failure
+# finishes what it left. A model's config.pbtxt goes with its first version; a changed one is
+# refused. A version rolled back with
+#   aws s3 rm --recursive s3://BUCKET/PREFIX/MODEL/N/ &&
+#   aws s3 cp - s3://BUCKET/PREFIX/MODEL/.retired-N </dev/null
+# is not published again.
 #
 # usage: deploy/s3_publish.sh DIR s3://BUCKET/PREFIX
 # env:   ENDPOINT  an S3-compatible store's URL (MinIO ...), as the chart's s3.endpoint
-#        WAIT_S    seconds for step 2: the chart's s3.syncSeconds plus a margin (35)
+#        WAIT_S    seconds for step 2: twice the chart's s3.syncSeconds plus a margin (65)
 set -eu
 [ $# -eq 2 ] || { echo "usage: $0 DIR s3://BUCKET/PREFIX" >&2; exit 2; }
 dir=${1%/}
@@ -24,34 +30,61 @@ dest=${2%/}
 case $dest in s3://?*) ;; *) echo "$0: $dest is not an s3:// URL" >&2; exit 2 ;; esac
 endpoint=${ENDPOINT:+--endpoint-url $ENDPOINT}
 s3() { aws $endpoint --only-show-errors s3 "$@"; }
+bucket=${dest#s3://}; bucket=${bucket%%/*}
+root=${dest#s3://"$bucket"}; root=${root#/}; root=${root:+$root/}
+exists() {  # one object, by its exact key under DEST
+  aws $endpoint s3api head-object --bucket "$bucket" --key "$root$1" >/dev/null 2>&1
+}
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
-new=""
+new=""; finish=""
 for version_dir in "$dir"/*/[0-9]*; do
   [ -f "$version_dir/metadata.json" ] || continue  # not written to the end
   model=$(basename "$(dirname "$version_dir")"); version=$(basename "$version_dir")
-  files=$(cd "$version_dir" && ls model.* 2>/dev/null || true)
-  [ "$(echo "$files" | wc -w)" -eq 1 ] || {
-    echo "$0: $version_dir has model files '$files': one is needed (not the python format)" >&2
+  set -- "$version_dir"/model.*
+  [ $# -eq 1 ] && [ -f "$1" ] || {
+    echo "$0: $version_dir has model files '$*': one is needed (not the python format)" >&2
     exit 2
   }
-  if aws $endpoint s3 ls "$dest/$model/$version/$files" >/dev/null 2>&1; then
-    continue  # published already
+  file=$(basename "$1")
+  if exists "$model/.retired-$version"; then
+    echo "$model/$version was rolled back (s3: $model/.retired-$version): not published again"
+    continue
+  fi
+  exists "$model/$version/metadata.json" && continue  # published already
+  if exists "$model/$version/$file"; then  # an earlier run stopped after the model file
+    finish="$finish $model/$version/$file"
+    continue
   fi
   for name in classes.json labels.txt metadata.json; do  # metadata.json last
     s3 cp "$version_dir/$name" "$dest/$model/.next-$version/$name"
   done
-  new="$new $model/$version/$files"
+  new="$new $model/$version/$file"
 done
-[ -n "$new" ] || { echo "nothing new in $dir"; exit 0; }
-s3 sync --exclude '*' --include '*/config.pbtxt' "$dir" "$dest"  # changed configs only
-echo "labels of$new published; the model files follow in ${WAIT_S:-35} s"
-sleep "${WAIT_S:-35}"
-for item in $new; do
+[ -n "$new$finish" ] || { echo "nothing new in $dir"; exit 0; }
+for item in $new; do  # a model's config goes with its first version only
+  model=${item%%/*}
+  if exists "$model/config.pbtxt"; then
+    aws $endpoint s3 cp "$dest/$model/config.pbtxt" "$tmp/config.pbtxt" --only-show-errors
+    cmp -s "$tmp/config.pbtxt" "$dir/$model/config.pbtxt" || {
+      echo "$0: $dir/$model/config.pbtxt differs from the one in S3: a model's config is not" \
+        "changed under running servers (deploy it as a new model, or replace it yourself)" >&2
+      exit 2
+    }
+  else
+    s3 cp "$dir/$model/config.pbtxt" "$dest/$model/config.pbtxt"
+  fi
+done
+if [ -n "$new" ]; then
+  echo "labels of$new published; the model files follow in ${WAIT_S:-65} s"
+  sleep "${WAIT_S:-65}"
+fi
+for item in $new $finish; do
   model=${item%%/*}; rest=${item#*/}; version=${rest%%/*}; file=${rest#*/}
-  s3 cp "$dir/$model/$version/$file" "$dest/$model/$version/$file"
-  for name in classes.json labels.txt metadata.json; do
+  case " $finish " in *" $item "*) ;; *) s3 cp "$dir/$model/$version/$file" "$dest/$item" ;; esac
+  for name in classes.json labels.txt metadata.json; do  # metadata.json last: published
     s3 cp "$dir/$model/$version/$name" "$dest/$model/$version/$name"
   done
   s3 rm --recursive "$dest/$model/.next-$version/"
 done
-echo "published$new to $dest"
+echo "published$new$finish to $dest"

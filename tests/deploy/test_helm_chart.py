@@ -268,6 +268,9 @@ BAD = {
                             "/model/repository/s3/bucketPath"),
     "s3 with the export Job": ({"model": {"repository": {"kind": "s3", "s3": {
         "bucketPath": "b/p"}}}}, "/export/enabled"),
+    "s3 with explicit control": ({"model": {"repository": {"kind": "s3", "s3": {
+        "bucketPath": "b/p"}}}, "export": {"enabled": False},
+        "triton": {"modelControl": "explicit"}}, "/triton/modelControl"),
     "explicit control, 3 Tritons": ({"triton": {"modelControl": "explicit", "replicas": 3}},
                                     "/triton/replicas"),
     "a non-SSD env name": ({"gateway": {"env": {"PATH": "/x"}}}, "PATH"),

@@ -168,7 +168,10 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     uploaded = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/2/model.onnx")
     assert uploaded["ContentLength"] == (exported / MODEL / "2" / "model.onnx").stat().st_size
     assert not any(".staging-" in k or ".next-" in k for k in keys(client)), keys(client)
-    time.sleep(2.5)  # two sync periods: read from MODEL/2/ now, the copy stays
+    # the sidecar's staging has lost .next-2 and kept MODEL/2/: the copy stays
+    staged = sidecar.parent / "staging" / MODEL
+    until(lambda: not (staged / ".next-2").exists() or not any((staged / ".next-2").iterdir()))
+    time.sleep(1.5)  # the rest of that round and the next one
     assert [v.number for v in store.versions()] == [1, 2]
     assert not (store.path / "2" / "model.onnx").exists()
     assert "nothing new" in finished(publish(s3, tmp_path, exported, 0))
@@ -178,8 +181,11 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     # rollback: version 2 removed from S3 leaves every gateway's copy
     for key in [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]:
         client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/.retired-2", Body=b"")
     rollback_s = until(lambda: not store.version(2).path.exists())
-    time.sleep(2.5)  # two more sync periods
+    assert "rolled back" in finished(publish(s3, tmp_path, exported, 0))  # not published again
+    assert not any(k.startswith(f"{MODEL}/2/") for k in keys(client))
+    time.sleep(2.5)
     assert [v.number for v in store.versions()] == [1]
     assert [p.name for p in store.path.iterdir() if p.name.startswith(".")] == []
     figures(

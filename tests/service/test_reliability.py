@@ -97,8 +97,9 @@ def test_overload_is_refused_fast(model_repo, figures):
     assert {s for s, _, _ in records} <= {200, 503}
     assert ok and refused
     assert all(ra == "1" for s, _, ra in records if s == 503)
-    # Refused at once: a served request waits behind up to 4 model runs, so a quarter of the
-    # served median is about one run under this same load; a refusal takes less than that.
+    # Refused at once, without waiting for a model run: a served request waits for the runs
+    # (micro-batches) ahead of it and its own, so a quarter of the served median is at most
+    # about one run under this same load; a refusal takes less than that.
     refused_p95, served_p50 = statistics.quantiles(refused, n=20)[-1], statistics.median(ok)
     assert refused_p95 < served_p50 / 4, (refused_p95, served_p50)
     # with 4 slots and one model run at a time, a served request waits for at most ~4 runs

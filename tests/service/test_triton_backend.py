@@ -135,7 +135,8 @@ def test_poll_mode_and_versions_that_appear_in_pieces(tmp_path):
             for name in MODEL_FILES["python"]:  # the rest, each file whole and new
                 shutil.copyfile(source.version(2).file(name), tmp_path / name)
                 os.replace(tmp_path / name, store.version(2).file(name))
-            assert served_for(4) == {"1"}, server.log()[-3000:]  # not tried again
+            assert served_for(8) == {"1"}, server.log()[-3000:]  # eight polls: not tried again
+            assert server.log().count("loading: ssd300_python:2") == 1
     finally:
         server.stop()
 
