@@ -176,8 +176,20 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     assert not (store.path / "2" / "model.onnx").exists()
     assert "nothing new" in finished(publish(s3, tmp_path, exported, 0))
 
+    # a run that stopped right after a model file: the rerun finishes that version
+    assert write_version(exported, "onnx", seed=3) == 3
+    v3 = exported / MODEL / "3"
+    for name in ("classes.json", "labels.txt", "metadata.json"):
+        client.upload_file(str(v3 / name), BUCKET, f"{PREFIX}/{MODEL}/.next-3/{name}")
+    client.upload_file(str(v3 / "model.onnx"), BUCKET, f"{PREFIX}/{MODEL}/3/model.onnx")
+    out = finished(publish(s3, tmp_path, exported, 0))
+    assert f"published {MODEL}/3/model.onnx" in out and "follow in" not in out, out
+    assert {f"{MODEL}/3/metadata.json", f"{MODEL}/3/classes.json"} <= keys(client)
+    assert not any(".next-" in k for k in keys(client))
+    until(lambda: store.version(3).has_metadata())
+
     # a version without its metadata.json in S3 (an upload cut short) is not copied
-    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/3/classes.json", Body=b"[]")
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/4/classes.json", Body=b"[]")
     # rollback: version 2 removed from S3 leaves every gateway's copy
     for key in [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]:
         client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
@@ -186,7 +198,7 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     assert "rolled back" in finished(publish(s3, tmp_path, exported, 0))  # not published again
     assert not any(k.startswith(f"{MODEL}/2/") for k in keys(client))
     time.sleep(2.5)
-    assert [v.number for v in store.versions()] == [1]
+    assert [v.number for v in store.versions()] == [1, 3]
     assert [p.name for p in store.path.iterdir() if p.name.startswith(".")] == []
     figures(
         "S3 repository: the chart's sync sidecar and deploy/s3_publish.sh (moto S3, aws CLI)",
