@@ -35,6 +35,7 @@ root=${dest#s3://"$bucket"}; root=${root#/}; root=${root:+$root/}
 exists() {  # one object, by its exact key under DEST
   aws $endpoint s3api head-object --bucket "$bucket" --key "$root$1" >/dev/null 2>&1
 }
+small="classes.json labels.txt metadata.json"  # metadata.json last: the version is whole
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
 new=""; finish=""
@@ -56,7 +57,7 @@ for version_dir in "$dir"/*/[0-9]*; do
     finish="$finish $model/$version/$file"
     continue
   fi
-  for name in classes.json labels.txt metadata.json; do  # metadata.json last
+  for name in $small; do
     s3 cp "$version_dir/$name" "$dest/$model/.next-$version/$name"
   done
   new="$new $model/$version/$file"
@@ -82,7 +83,7 @@ fi
 for item in $new $finish; do
   model=${item%%/*}; rest=${item#*/}; version=${rest%%/*}; file=${rest#*/}
   case " $finish " in *" $item "*) ;; *) s3 cp "$dir/$model/$version/$file" "$dest/$item" ;; esac
-  for name in classes.json labels.txt metadata.json; do  # metadata.json last: published
+  for name in $small; do
     s3 cp "$dir/$model/$version/$name" "$dest/$model/$version/$name"
   done
   s3 rm --recursive "$dest/$model/.next-$version/"

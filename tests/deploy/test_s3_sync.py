@@ -23,6 +23,7 @@ from service.backends import version_info
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import ModelStore
 from tests.service.versions import write_version
+from tests.waiting import wait_for
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -121,14 +122,6 @@ def finished(proc: subprocess.Popen) -> str:
     return out
 
 
-def until(condition, timeout: float = 30.0) -> float:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < timeout, "timed out"
-        time.sleep(0.1)
-    return time.monotonic() - t0
-
-
 def keys(client) -> set[str]:
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/").get("Contents", [])
     return {o["Key"].removeprefix(PREFIX + "/") for o in listed}
@@ -143,7 +136,7 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     t0 = time.monotonic()
     finished(publish(s3, tmp_path, exported, 0))
     store = ModelStore(sidecar, MODEL)
-    until(lambda: store.version(1).has_metadata())
+    wait_for(lambda: store.version(1).has_metadata(), 30, 0.1)
     first_copy_s = time.monotonic() - t0
     copied = sorted(p.name for p in store.version(1).path.iterdir())
     assert copied == ["classes.json", "labels.txt", "metadata.json"]  # never the model file
@@ -159,7 +152,7 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     in_progress.mkdir()
     (in_progress / "model.onnx").write_bytes(b"half")
     proc = publish(s3, tmp_path, exported, 8)
-    labelled_s = until(lambda: store.version(2).has_metadata())
+    labelled_s = wait_for(lambda: store.version(2).has_metadata(), 30, 0.1)
     seen_by_triton = [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]
     assert seen_by_triton == [], "version 2 showed in Triton's repository before its labels"
     assert version_info(store.version(2), "triton", 0).classes == OWN
@@ -170,7 +163,11 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     assert not any(".staging-" in k or ".next-" in k for k in keys(client)), keys(client)
     # the sidecar's staging has lost .next-2 and kept MODEL/2/: the copy stays
     staged = sidecar.parent / "staging" / MODEL
-    until(lambda: not (staged / ".next-2").exists() or not any((staged / ".next-2").iterdir()))
+    wait_for(
+        lambda: not (staged / ".next-2").exists() or not any((staged / ".next-2").iterdir()),
+        30,
+        0.1,
+    )
     time.sleep(1.5)  # the rest of that round and the next one
     assert [v.number for v in store.versions()] == [1, 2]
     assert not (store.path / "2" / "model.onnx").exists()
@@ -186,7 +183,7 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     assert f"published {MODEL}/3/model.onnx" in out and "follow in" not in out, out
     assert {f"{MODEL}/3/metadata.json", f"{MODEL}/3/classes.json"} <= keys(client)
     assert not any(".next-" in k for k in keys(client))
-    until(lambda: store.version(3).has_metadata())
+    wait_for(lambda: store.version(3).has_metadata(), 30, 0.1)
 
     # a version without its metadata.json in S3 (an upload cut short) is not copied
     client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/4/classes.json", Body=b"[]")
@@ -194,7 +191,7 @@ def test_versions_reach_the_gateways_before_triton_and_a_rollback_removes_them(
     for key in [k for k in keys(client) if k.startswith(f"{MODEL}/2/")]:
         client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
     client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/.retired-2", Body=b"")
-    rollback_s = until(lambda: not store.version(2).path.exists())
+    rollback_s = wait_for(lambda: not store.version(2).path.exists(), 30, 0.1)
     assert "rolled back" in finished(publish(s3, tmp_path, exported, 0))  # not published again
     assert not any(k.startswith(f"{MODEL}/2/") for k in keys(client))
     time.sleep(2.5)

@@ -13,18 +13,10 @@ from devtools.images import encode, photo
 from devtools.load import Load
 from devtools.triton_server import start_triton
 from tests.service.conftest import run_service, triton_settings
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = encode(photo(), "JPEG")
-
-
-def wait_for(predicate, timeout: float, step: float = 0.05) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(step)
-    raise AssertionError("condition not reached")
 
 
 def test_triton_killed_and_restarted(model_repo, tmp_path, figures):
