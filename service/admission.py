@@ -89,6 +89,10 @@ class UploadAdmission:
     def grow(self, upload: Upload, size: int, now: float) -> None:
         """``size`` more bytes of ``upload`` have arrived: drop the slowest partial uploads
         until they fit the budget (raising :class:`UploadDropped` if ``upload`` is one)."""
+        if upload.dropped:
+            # dropped while this piece was on its way: the piece is refused with the upload and
+            # never counted (the upload's bytes went back when it was dropped)
+            raise UploadDropped(upload.received + size)
         upload.received += size
         self.held += size
         if self.held > self.budget:
