@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
-import threading
 import socket
 import statistics
+import threading
 import time
 
 import httpx
