@@ -1,12 +1,14 @@
 """The FastAPI app: thin routes over the pipeline; resources live in the lifespan."""
 
+import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,6 +85,13 @@ def build_backend(settings: Settings) -> Backend:
     )
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body was read whole before: what the server
+    receives now is the disconnect, or nothing)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0)
+
+
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> ASGIApp:
     """The ASGI app. ``backend`` may be injected (tests of faults); otherwise built from settings."""
     settings = settings or Settings()
@@ -115,6 +124,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             settings.batch_max_delay_ms / 1e3,
             settings.backend_concurrency,
             metrics,
+            settings.batch_max_queued_images,
         )
         batcher.start()
         follower = VersionFollower(be, settings.model_poll_s, metrics)
@@ -232,9 +242,28 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 499, "client_closed_request", "the client closed the connection mid-upload"
             ) from None
         with request.app.state.in_flight.place():
-            body = await pipe.detect(uploads, params)
+            body = await unless_disconnected(request, pipe.detect(uploads, params))
         body["request_id"] = request.state.request_id
         return JSONResponse(body)
+
+    async def unless_disconnected(request: Request, work: Coroutine[Any, Any, dict]) -> dict:
+        """``work``, cancelled as soon as the client goes away (its images leave the batcher's
+        queue; the model runs for answers someone waits for): 499, as nginx says it."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not task.cancelled():
+            return task.result()
+        metrics.rejected.labels("client_disconnected").inc()
+        log.info("client went away before its answer (request %s)", request.state.request_id)
+        raise ApiError(499, "client_closed_request", "the client closed the connection")
 
     @app.get(
         "/v1/models",

@@ -1,10 +1,30 @@
 """Micro-batching: images from concurrent requests share backend calls.
 
-Each image waits at most ``max_delay`` for company, and a batch holds at most ``max_size`` images.
-Up to ``concurrency`` batches are at the backend at once (1 for the in-process ONNX Runtime, which
-already uses every core; more for Triton, whose own dynamic batcher merges them further). A batch
-holds images pinned to one model version only (the embedded backend pins each request to the
-version it was admitted to); images of another version wait for the next batch.
+The rules, in the order a batch is made:
+
+- **Admission.** ``submit`` refuses a request at once (503) when the images waiting would exceed
+  ``max_queued`` (``SSD_BATCH_MAX_QUEUED_IMAGES``), or when, at the backend's measured pace, the
+  images ahead of it could not be run before its deadline: it would only time out later, after
+  taking model time from requests that can still be answered.
+- **A free slot first.** Up to ``concurrency`` batches are at the backend at once (1 for the
+  in-process engines, which use every core already; more for Triton, whose own dynamic batcher
+  merges them further). The batch is made once a slot is free, from what is waiting then, so no
+  image is committed to a batch long before it runs.
+- **Company.** Once a slot is free, the batch waits until ``max_delay`` has passed since its
+  oldest image arrived, or until ``max_size`` images are waiting, whichever comes first.
+- **Fair between requests.** A batch takes one image from each waiting request in turn (in the
+  order the requests arrived) until it is full; requests that had images in it go to the back
+  of the order. A single image behind a 16-image request waits for one batch at most, not two.
+- **One model version.** A batch holds images pinned to one model version only (the embedded
+  backend pins each request to the version it was admitted to); the version of the first
+  request in the order picks it, the others wait for the next batch.
+- **Only images that can still be answered.** A request cancelled (its client went away, its
+  timeout passed, another of its images failed) leaves the queue at once. A request whose
+  deadline would pass before the batch could finish (its measured duration) fails with 504
+  instead of being run. The backend call's timeout is the latest deadline in the batch: each
+  request keeps its own deadline, and a nearly expired one never times out the others.
+- **Every future resolved.** Whatever ends a backend call (an error, a cancellation, a failure
+  to stack the images), every request in its batch gets an answer at once.
 """
 
 from __future__ import annotations
@@ -12,13 +32,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends import Backend, Candidates
+from service.backends import Backend, BackendTimeout, BackendUnavailable, Candidates
+from service.errors import ApiError
 from service.metrics import Metrics
+
+log = logging.getLogger("service")
+PACE_WEIGHT = 0.2  # of the newest backend call in the measured seconds of its batch size
 
 
 @dataclass(frozen=True)
@@ -29,13 +54,26 @@ class BatchResult:
     infer_s: float
 
 
-@dataclass
+@dataclass(eq=False)
+class _Request:
+    """The images of one ``submit`` that are not in a batch yet."""
+
+    deadline: float  # perf_counter time by which the request must be answered
+    pin: object  # the model version (Backend.pin) its request was admitted to
+    enqueued: float
+    items: collections.deque = field(default_factory=collections.deque)
+
+
+@dataclass(eq=False)
 class _Item:
     pixels: np.ndarray  # (300, 300, 3) uint8
     future: asyncio.Future
-    enqueued: float
-    deadline: float  # perf_counter time by which the request must be answered
-    pin: object = None  # the model version (Backend.pin) its request was admitted to
+    request: _Request
+
+
+class QueueFull(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "overloaded", message, {"Retry-After": "1"})
 
 
 class MicroBatcher:
@@ -46,97 +84,220 @@ class MicroBatcher:
         max_delay_s: float,
         concurrency: int,
         metrics: Metrics,
+        max_queued: int = 256,
     ) -> None:
         self.backend = backend
         self.max_size = max_size
         self.max_delay_s = max_delay_s
+        self.concurrency = concurrency
+        self.max_queued = max_queued
         self.metrics = metrics
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._waiting: collections.deque[_Request] = collections.deque()  # the turn order
+        self._queued = 0  # images in self._waiting
+        self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
-        self._held: collections.deque[_Item] = collections.deque()  # of another version
+        self._call_s: dict[int, float] = {}  # batch size -> measured seconds of a call
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for a batch."""
+        return self._queued
 
     async def submit(
         self, pixels: list[np.ndarray], deadline: float, pin: object = None
     ) -> list[BatchResult]:
         """Queue images and wait for their results (in the same order).
 
-        ``deadline`` (a ``time.perf_counter()`` value) bounds the backend call of their batch;
+        ``deadline`` (a ``time.perf_counter()`` value): when the request must be answered;
         ``pin``: the model version they go to.
         """
-        loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(p, loop.create_future(), now, deadline, pin) for p in pixels]
-        for item in items:
-            self._queue.put_nowait(item)
+        self._admit(len(pixels), deadline, now)
+        loop = asyncio.get_running_loop()
+        request = _Request(deadline, pin, now)
+        items = [_Item(p, loop.create_future(), request) for p in pixels]
+        request.items.extend(items)
+        self._waiting.append(request)
+        self._count(len(items))
+        self._arrived.set()
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
         finally:
-            for item in items:  # on timeout/cancel: a queued item is skipped by the loop
+            self._withdraw(request)  # what is not in a batch yet never will be
+            for item in items:
                 item.future.cancel()
+
+    def _admit(self, n: int, deadline: float, now: float) -> None:
+        if self._queued + n > self.max_queued:
+            self.metrics.rejected.labels("batch_queue_full").inc()
+            raise QueueFull(
+                f"{self._queued} images are waiting for the model already (at most "
+                f"{self.max_queued}); retry shortly"
+            )
+        if self._call_s and self._queued:
+            batches = -(-(self._queued + n) // self.max_size)
+            wait = batches * self.call_seconds(self.max_size) / self.concurrency
+            if now + wait > deadline:
+                self.metrics.rejected.labels("would_time_out").inc()
+                raise QueueFull(
+                    f"the {self._queued} images waiting need about {wait:.2f} s of the model, "
+                    f"more than this request has left; retry shortly"
+                )
+
+    def _count(self, delta: int) -> None:
+        self._queued += delta
+        self.metrics.batch_queue.set(self._queued)
+
+    def _withdraw(self, request: _Request) -> None:
+        if request.items:
+            self._count(-len(request.items))
+            request.items.clear()
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(request)
+
+    def _expire(self, request: _Request, needed_s: float) -> None:
+        """``request`` could not be answered in time: 504 now, not after a wasted run."""
+        error = BackendTimeout(
+            f"the request's deadline would pass before its images could be run "
+            f"(about {needed_s:.2f} s of the model needed)"
+        )
+        for item in request.items:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self.metrics.rejected.labels("expired_in_queue").inc()
+        self._withdraw(request)
 
     async def _run(self) -> None:
         while True:
-            first = self._held.popleft() if self._held else await self._queue.get()
-            batch = [first]
-            deadline = time.perf_counter() + self.max_delay_s
-            while len(batch) < self.max_size:
-                item = self._held_for(first.pin)
-                if item is None:
-                    try:
-                        item = self._queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        remaining = deadline - time.perf_counter()
-                        if remaining <= 0:
-                            break
-                        try:
-                            item = await asyncio.wait_for(self._queue.get(), remaining)
-                        except TimeoutError:
-                            break
-                if item.pin is first.pin:
-                    batch.append(item)
-                else:
-                    self._held.append(item)
-            batch = [i for i in batch if not i.future.done()]
-            if not batch:
-                continue
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
             await self._slots.acquire()
-            task = asyncio.create_task(self._infer(batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            launched = False
+            try:
+                await self._wait_for_company()
+                batch = self._take(time.perf_counter())
+                if batch:
+                    task = asyncio.create_task(self._infer(batch))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                    launched = True
+            except Exception:  # a bug here must not leave every later request hanging
+                log.exception("the micro-batcher failed to make a batch")
+            finally:
+                if not launched:
+                    self._slots.release()
 
-    def _held_for(self, pin: object) -> _Item | None:
-        for index, item in enumerate(self._held):
-            if item.pin is pin:
-                del self._held[index]
-                return item
-        return None
+    async def _wait_for_company(self) -> None:
+        while self._waiting and self._queued < self.max_size:
+            oldest = min(r.enqueued for r in self._waiting)
+            remaining = oldest + self.max_delay_s - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _take(self, now: float) -> list[_Item]:
+        """The next batch, taken out of the queue; requests that cannot finish in time expire."""
+        while True:
+            chosen = self._choose()
+            if not chosen:
+                return []
+            size = sum(chosen.values())
+            needed = self.call_seconds(size)
+            late = [r for r in chosen if r.deadline < now + needed]
+            if not late:
+                break
+            for request in late:
+                self._expire(request, needed)
+        batch = []
+        for request, n in chosen.items():
+            batch.extend(request.items.popleft() for _ in range(n))
+            self._count(-n)
+        # those served go to the back of the turn order, in their order; emptied ones leave
+        for request in chosen:
+            self._waiting.remove(request)
+            if request.items:
+                self._waiting.append(request)
+        return batch
+
+    def _choose(self) -> dict[_Request, int]:
+        """How many images of each request the next batch takes: one from each in turn."""
+        if not self._waiting:
+            return {}
+        pin = self._waiting[0].pin
+        eligible = [r for r in self._waiting if r.pin is pin and r.items]
+        chosen: dict[_Request, int] = {}
+        size = 0
+        while size < self.max_size:
+            took = False
+            for request in eligible:
+                if size < self.max_size and chosen.get(request, 0) < len(request.items):
+                    chosen[request] = chosen.get(request, 0) + 1
+                    size += 1
+                    took = True
+            if not took:
+                break
+        return chosen
 
     async def _infer(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             images = np.stack([i.pixels for i in batch])
             self.metrics.batch_size.observe(len(batch))
-            try:
-                remaining = min(i.deadline for i in batch) - time.perf_counter()
-                out = await self.backend.infer(
-                    images, timeout=max(0.01, remaining), pin=batch[0].pin
-                )
-            except Exception as exc:  # delivered to every waiting request
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                return
+            # the call serves every request in it: the latest deadline bounds it
+            timeout = max(i.request.deadline for i in batch) - started
+            out = await self.backend.infer(
+                images, timeout=max(0.01, timeout), pin=batch[0].request.pin
+            )
             infer_s = time.perf_counter() - started
+            self._measure(infer_s, len(batch))
             for row, item in enumerate(batch):
                 if not item.future.done():
-                    item.future.set_result(BatchResult(out, row, started - item.enqueued, infer_s))
+                    queued_s = started - item.request.enqueued
+                    item.future.set_result(BatchResult(out, row, queued_s, infer_s))
+        except BaseException as exc:  # every request in the batch is answered, whatever ended it
+            error = (
+                exc
+                if isinstance(exc, Exception)
+                else BackendUnavailable("the model call was interrupted; retry")
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self._slots.release()
+
+    def _measure(self, infer_s: float, size: int) -> None:
+        old = self._call_s.get(size)
+        self._call_s[size] = infer_s if old is None else old + PACE_WEIGHT * (infer_s - old)
+
+    def call_seconds(self, size: int) -> float:
+        """What a backend call of ``size`` images takes, as measured (0 before any call): the
+        size itself, else between the nearest sizes measured (a larger size from the largest
+        smaller one in proportion, as on a CPU; a GPU's calls grow less, and are soon measured)."""
+        if size in self._call_s:
+            return self._call_s[size]
+        below = [s for s in self._call_s if s < size]
+        above = [s for s in self._call_s if s > size]
+        if below and above:
+            lo, hi = max(below), min(above)
+            t_lo, t_hi = self._call_s[lo], self._call_s[hi]
+            return t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+        if below:
+            lo = max(below)
+            return self._call_s[lo] * size / lo
+        if above:
+            return self._call_s[min(above)]
+        return 0.0
 
     async def close(self) -> None:
         if self._task is not None:
@@ -145,3 +306,8 @@ class MicroBatcher:
                 await self._task
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        for request in list(self._waiting):
+            for item in request.items:
+                if not item.future.done():
+                    item.future.set_exception(BackendUnavailable("the service is shutting down"))
+            self._withdraw(request)

@@ -38,6 +38,11 @@ class Metrics:
             "Bytes of partial request bodies held (SSD_UPLOAD_BUFFER_BYTES bounds them)",
             registry=self.registry,
         )
+        self.batch_queue = Gauge(
+            "ssd_batch_queue_images",
+            "Images waiting for a batch (SSD_BATCH_MAX_QUEUED_IMAGES bounds them)",
+            registry=self.registry,
+        )
         self.images = Counter("ssd_images", "Images processed", registry=self.registry)
         self.rejected = Counter(
             "ssd_rejected", "Requests refused for overload", ["reason"], registry=self.registry

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     backend_concurrency: int = Field(
         1, ge=1, description="batches in flight at the backend at once"
     )
+    batch_max_queued_images: int = Field(
+        256,
+        ge=1,
+        description="images waiting for a batch at most; a request beyond it gets 503 at once "
+        "(so does one that, at the model's measured pace, could not be run before its deadline)",
+    )
 
     # limits (reliability spec §1)
     max_body_bytes: int = Field(
