@@ -1,7 +1,6 @@
 """The FastAPI app: thin routes over the pipeline; resources live in the lifespan."""
 
 import asyncio
-import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Coroutine
@@ -257,8 +256,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             watch.cancel()
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.gather(task, return_exceptions=True)  # our own cancel goes on
         if not task.cancelled():
             return task.result()
         metrics.rejected.labels("client_disconnected").inc()

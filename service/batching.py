@@ -43,7 +43,9 @@ from service.errors import ApiError
 from service.metrics import Metrics
 
 log = logging.getLogger("service")
-PACE_WEIGHT = 0.2  # of the newest backend call in the measured seconds of its batch size
+PACE_SAMPLES = 8  # recent calls kept per batch size
+PACE_AGE_S = 60.0  # a call's time counts this long
+PACE_MIN_SAMPLES = 2  # calls of a size before its time counts (the first may be a warm-up)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,9 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
-        self._call_s: dict[int, float] = {}  # batch size -> measured seconds of a call
+        self._samples: dict[int, collections.deque] = {}  # batch size -> (when, seconds)
+        self._closed = False
+        self._busy_until: list[float] = []  # when each call at the backend should end
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
@@ -116,6 +120,8 @@ class MicroBatcher:
         ``deadline`` (a ``time.perf_counter()`` value): when the request must be answered;
         ``pin``: the model version they go to.
         """
+        if self._closed:
+            raise BackendUnavailable("the service is shutting down")
         now = time.perf_counter()
         self._admit(len(pixels), deadline, now)
         loop = asyncio.get_running_loop()
@@ -139,15 +145,23 @@ class MicroBatcher:
                 f"{self._queued} images are waiting for the model already (at most "
                 f"{self.max_queued}); retry shortly"
             )
-        if self._call_s and self._queued:
-            batches = -(-(self._queued + n) // self.max_size)
-            wait = batches * self.call_seconds(self.max_size) / self.concurrency
+        if self._queued or len(self._busy_until) >= self.concurrency:
+            # a slot, then the calls that run what waits and this request's images
+            full, rest = divmod(self._queued + n, self.max_size)
+            drain = full * self.call_seconds(self.max_size) + self.call_seconds(rest)
+            wait = self._slot_free_in(now) + drain / self.concurrency
             if now + wait > deadline:
                 self.metrics.rejected.labels("would_time_out").inc()
                 raise QueueFull(
                     f"the {self._queued} images waiting need about {wait:.2f} s of the model, "
                     f"more than this request has left; retry shortly"
                 )
+
+    def _slot_free_in(self, now: float) -> float:
+        """Seconds until a backend slot should be free (0 when one is)."""
+        if len(self._busy_until) < self.concurrency:
+            return 0.0
+        return max(0.0, min(self._busy_until) - now)
 
     def _count(self, delta: int) -> None:
         self._queued += delta
@@ -183,12 +197,14 @@ class MicroBatcher:
                 await self._wait_for_company()
                 batch = self._take(time.perf_counter())
                 if batch:
-                    task = asyncio.create_task(self._infer(batch))
+                    task = asyncio.create_task(self._infer(batch, self._busy_until[-1]))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
                     launched = True
-            except Exception:  # a bug here must not leave every later request hanging
+            except Exception:  # a bug here must not leave requests hanging, nor spin
                 log.exception("the micro-batcher failed to make a batch")
+                self._fail_waiting(BackendUnavailable("the batcher failed; retry"))
+                await asyncio.sleep(0.01)
             finally:
                 if not launched:
                     self._slots.release()
@@ -204,18 +220,22 @@ class MicroBatcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     def _take(self, now: float) -> list[_Item]:
-        """The next batch, taken out of the queue; requests that cannot finish in time expire."""
-        while True:
-            chosen = self._choose()
-            if not chosen:
-                return []
-            size = sum(chosen.values())
-            needed = self.call_seconds(size)
-            late = [r for r in chosen if r.deadline < now + needed]
-            if not late:
-                break
-            for request in late:
-                self._expire(request, needed)
+        """The next batch, taken out of the queue: as many images, in turn order, as can be run
+        before the deadline of every request among them (on a CPU, whose calls grow with their
+        size, a shorter batch can answer requests a full one would lose). A request that not
+        even a call of one image could answer in time expires."""
+        one = self.call_seconds(1)
+        for request in [r for r in self._waiting if r.deadline < now + one]:
+            self._expire(request, one)
+        order = self._turns()
+        size, earliest = 0, float("inf")
+        for k, request in enumerate(order, start=1):
+            earliest = min(earliest, request.deadline)
+            if earliest >= now + self.call_seconds(k):
+                size = k
+        chosen: dict[_Request, int] = {}
+        for request in order[:size]:
+            chosen[request] = chosen.get(request, 0) + 1
         batch = []
         for request, n in chosen.items():
             batch.extend(request.items.popleft() for _ in range(n))
@@ -225,28 +245,27 @@ class MicroBatcher:
             self._waiting.remove(request)
             if request.items:
                 self._waiting.append(request)
+        if batch:
+            self._busy_until.append(now + self.call_seconds(len(batch)))
         return batch
 
-    def _choose(self) -> dict[_Request, int]:
-        """How many images of each request the next batch takes: one from each in turn."""
+    def _turns(self) -> list[_Request]:
+        """The requests whose images the next batch would take, one entry per image, in turn:
+        one image of each waiting request of the first one's model version, then again."""
         if not self._waiting:
-            return {}
+            return []
         pin = self._waiting[0].pin
         eligible = [r for r in self._waiting if r.pin is pin and r.items]
-        chosen: dict[_Request, int] = {}
-        size = 0
-        while size < self.max_size:
-            took = False
+        left = {r: len(r.items) for r in eligible}
+        order: list[_Request] = []
+        while len(order) < self.max_size and any(left.values()):
             for request in eligible:
-                if size < self.max_size and chosen.get(request, 0) < len(request.items):
-                    chosen[request] = chosen.get(request, 0) + 1
-                    size += 1
-                    took = True
-            if not took:
-                break
-        return chosen
+                if len(order) < self.max_size and left[request]:
+                    left[request] -= 1
+                    order.append(request)
+        return order
 
-    async def _infer(self, batch: list[_Item]) -> None:
+    async def _infer(self, batch: list[_Item], expected_end: float) -> None:
         started = time.perf_counter()
         try:
             images = np.stack([i.pixels for i in batch])
@@ -257,7 +276,7 @@ class MicroBatcher:
                 images, timeout=max(0.01, timeout), pin=batch[0].request.pin
             )
             infer_s = time.perf_counter() - started
-            self._measure(infer_s, len(batch))
+            self._measure(infer_s, len(batch), timeout)
             for row, item in enumerate(batch):
                 if not item.future.done():
                     queued_s = started - item.request.enqueued
@@ -271,43 +290,64 @@ class MicroBatcher:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
+                self._withdraw(item.request)  # its other images would be run for nothing
             if not isinstance(exc, Exception):
                 raise
         finally:
+            self._busy_until.remove(expected_end)
             self._slots.release()
 
-    def _measure(self, infer_s: float, size: int) -> None:
-        old = self._call_s.get(size)
-        self._call_s[size] = infer_s if old is None else old + PACE_WEIGHT * (infer_s - old)
+    def _measure(self, infer_s: float, size: int, timeout: float) -> None:
+        samples = self._samples.setdefault(size, collections.deque(maxlen=PACE_SAMPLES))
+        samples.append((time.perf_counter(), min(infer_s, timeout)))
+
+    def _estimates(self) -> dict[int, float]:
+        """Batch size -> the fastest of its recent calls (samples age out after PACE_AGE_S; a
+        size counts from its second call): one slow call (a warm-up, a stall) never decides, and
+        a size not run lately is estimated from the others again."""
+        oldest = time.perf_counter() - PACE_AGE_S
+        out = {}
+        for size, samples in self._samples.items():
+            while samples and samples[0][0] < oldest:
+                samples.popleft()
+            if len(samples) >= PACE_MIN_SAMPLES:
+                out[size] = min(seconds for _, seconds in samples)
+        return out
 
     def call_seconds(self, size: int) -> float:
-        """What a backend call of ``size`` images takes, as measured (0 before any call): the
-        size itself, else between the nearest sizes measured (a larger size from the largest
-        smaller one in proportion, as on a CPU; a GPU's calls grow less, and are soon measured)."""
-        if size in self._call_s:
-            return self._call_s[size]
-        below = [s for s in self._call_s if s < size]
-        above = [s for s in self._call_s if s > size]
+        """What a backend call of ``size`` images takes, as measured (0 before any call, and for
+        0 images): the size itself, else between the nearest sizes measured, else in proportion
+        to the nearest one (as on a CPU; a GPU's calls grow less with the size, and are soon
+        measured)."""
+        known = self._estimates()
+        if size <= 0 or not known:
+            return 0.0
+        if size in known:
+            return known[size]
+        below = [s for s in known if s < size]
+        above = [s for s in known if s > size]
         if below and above:
             lo, hi = max(below), min(above)
-            t_lo, t_hi = self._call_s[lo], self._call_s[hi]
-            return t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+            return known[lo] + (known[hi] - known[lo]) * (size - lo) / (hi - lo)
         if below:
             lo = max(below)
-            return self._call_s[lo] * size / lo
-        if above:
-            return self._call_s[min(above)]
-        return 0.0
+            return known[lo] * size / lo
+        hi = min(above)
+        return known[hi] * size / hi  # in proportion too: rather a wasted call than a lost answer
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._fail_waiting(BackendUnavailable("the service is shutting down"))
+
+    def _fail_waiting(self, error: ApiError) -> None:
         for request in list(self._waiting):
             for item in request.items:
                 if not item.future.done():
-                    item.future.set_exception(BackendUnavailable("the service is shutting down"))
+                    item.future.set_exception(error)
             self._withdraw(request)

@@ -189,6 +189,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _a_whole_request_fits_the_queue(self) -> Settings:
+        if self.batch_max_queued_images < max(self.max_files, self.batch_max_size):
+            raise ValueError(
+                "SSD_BATCH_MAX_QUEUED_IMAGES must hold a whole request and a whole batch "
+                f"(at least SSD_MAX_FILES={self.max_files} and "
+                f"SSD_BATCH_MAX_SIZE={self.batch_max_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_port_is_its_own(self) -> Settings:
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError("SSD_METRICS_PORT must differ from SSD_PORT")

@@ -56,6 +56,12 @@ class TrainConfig:
     max_train_images: int | None = None  # only the first N annotated images by id (both backends)
     max_nan_steps: int = 10  # consecutive non-finite losses before all ranks stop
     tensorboard: str | None = None
+    # CPU threads of each process (torch's intra-op pool; default: torch's own choice, which
+    # OMP_NUM_THREADS sets); recorded in checkpoints
+    threads: int | None = None
+    # bitwise reproducible steps: deterministic algorithms, MKL's reproducible mode, the thread
+    # count of the checkpoint it resumes (docs/training.md#reproducible-runs says what it costs)
+    deterministic: bool = False
 
     def trainable_layers(self) -> int:
         """Backbone stages that train (``training.model.freeze_backbone``): 4 is all of them."""
@@ -113,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = _CHOICES[f.name]
         if isinstance(default, list):
             kwargs.update(nargs="*", type=int)
-        elif f.name in ("seed", "max_train_images", "trainable_backbone_layers") or isinstance(
-            default, int
-        ):
+        elif f.name in (
+            "seed",
+            "max_train_images",
+            "trainable_backbone_layers",
+            "threads",
+        ) or isinstance(default, int):
             kwargs["type"] = int
         elif isinstance(default, float):
             kwargs["type"] = float

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `torchrun training/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--deterministic" in sys.argv[1:]:  # before any import: MKL reads it at its first call
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # = reproducibility.MKL_CBWR_ENV
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,6 +63,7 @@ from training.pretrained import (
     local_backbone,
     resolve_checkpoint_arg,
 )
+from training.reproducibility import make_deterministic, resume_threads, set_threads
 
 log = logging.getLogger("train")
 
@@ -274,10 +278,16 @@ def freeze(model, cfg: TrainConfig) -> None:
 
 
 def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
+    """Threads (recorded in the config, so in every checkpoint), kernels, reproducibility."""
+    cfg.threads = set_threads(cfg.threads)
     if info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    if cfg.deterministic:
+        log.info(
+            "--deterministic: %s, %d CPU threads", make_deterministic(info.device), cfg.threads
+        )
 
 
 def claim_save_folder(cfg: TrainConfig, info: D.DistInfo):
@@ -392,6 +402,8 @@ def restore(cfg, info, state: TrainState, start: StartWeights) -> Position:
             f"error: cannot resume the optimizer of {path}: {exc} (was the run started with "
             "other --freeze-backbone / --trainable-backbone-layers? pass the same ones)"
         ) from None
+    cfg.threads = resume_threads(obj.get("config", {}).get("threads"), cfg.deterministic)
+    state.config = cfg.to_dict()
     log.info("resumed from %s at epoch %d, batch %d", path, at.epoch, at.batch)
     return at
 

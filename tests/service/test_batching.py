@@ -93,8 +93,9 @@ def run(coro):
 
 
 async def warm(b: MicroBatcher, n: int = 2) -> None:
-    """A few calls of full batches, so the batcher knows the backend's pace."""
+    """A few calls of one image and of full batches, so the batcher knows the backend's pace."""
     for _ in range(n):
+        await b.submit([image(0)], time.perf_counter() + 30)
         await b.submit([image(0)] * b.max_size, time.perf_counter() + 30)
 
 
@@ -361,3 +362,74 @@ def test_invariants_under_randomized_concurrent_traffic(seed):
 
     outcomes = run(main())
     assert len(outcomes) == 150
+
+
+# ---------------------------------------------------------------------------- 6. from a review
+
+
+def test_one_slow_call_never_decides_the_pace():
+    """A slow first call (a warm-up, a stall) must not make later requests expire or be refused:
+    a size's time counts from its second call, as the fastest of its recent ones."""
+
+    async def main():
+        slow = [0.8]
+        backend = StandIn(seconds=lambda n: slow.pop() if slow else 0.01 * n)
+        b = batcher(backend)
+        await b.submit([image(1)], time.perf_counter() + 1.0)  # 0.8 s: within its budget
+        outcome = []
+        for _ in range(10):
+            results = await asyncio.gather(
+                *(b.submit([image(2)], time.perf_counter() + 1.0) for _ in range(8)),
+                return_exceptions=True,
+            )
+            outcome += [type(r).__name__ for r in results]
+        assert set(outcome) == {"list"}, outcome
+        await b.close()
+
+    run(main())
+
+
+def test_a_failed_batch_withdraws_the_rest_of_its_requests():
+    async def main():
+        backend = StandIn(seconds=lambda n: 0.05)
+        b = batcher(backend, max_size=8)
+        backend.fail_with = RuntimeError("boom")
+        with pytest.raises(RuntimeError):
+            await b.submit([image(100 + i) for i in range(20)], time.perf_counter() + 30)
+        await asyncio.sleep(0.2)
+        assert len(backend.calls) == 1 and b.queued == 0  # its 12 other images never ran
+        await b.close()
+
+    run(main())
+
+
+def test_a_fault_in_making_a_batch_answers_the_waiting_and_the_batcher_goes_on():
+    async def main():
+        backend = StandIn()
+        b = batcher(backend)
+        real, failures = b._turns, [RuntimeError("bug")]
+
+        def turns():
+            if failures:
+                raise failures.pop()
+            return real()
+
+        b._turns = turns
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailable):
+            await b.submit([image(1)], time.perf_counter() + 30)
+        assert time.perf_counter() - t0 < 0.5
+        assert tags_answered(await b.submit([image(2)], time.perf_counter() + 30)) == [2]
+        await b.close()
+        with pytest.raises(BackendUnavailable):  # after close: at once, never a hang
+            await b.submit([image(3)], time.perf_counter() + 30)
+
+    run(main())
+
+
+def test_the_queue_holds_a_whole_request_and_a_whole_batch():
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match="SSD_BATCH_MAX_QUEUED_IMAGES"):
+        Settings(batch_max_queued_images=8, max_files=16)
+    Settings(batch_max_queued_images=16, max_files=16)

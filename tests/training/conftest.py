@@ -53,10 +53,14 @@ def train_command(args: list[str], nproc: int = 1, script: str = "train.py") -> 
 
 
 def job(data: Path, *extra: str, batch_size: int = 2, backend: str = "torch") -> list[str]:
-    """The arguments of a small CPU job on ``data`` (ResNet-18, seeded, logging every step)."""
+    """The arguments of a small CPU job on ``data`` (ResNet-18, seeded, reproducible step by
+    step, logging every step)."""
     return [
         "--data",
         str(data),
+        "--device",
+        "cpu",
+        "--deterministic",
         "--batch-size",
         str(batch_size),
         "--data-backend",
@@ -71,7 +75,13 @@ def train_env(nproc: int = 1, env: dict | None = None) -> dict[str, str]:
     the machine's physical cores, which on a machine with two threads per core is 1 where 2
     are set elsewhere, and another thread count is another order of float reductions: two runs
     compared step by step must have the same."""
-    return {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+    threads = "1" if nproc > 1 else "2"  # MKL_NUM_THREADS, when set, wins over OMP_NUM_THREADS
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        **(env or {}),
+    }
 
 
 def run_train(
