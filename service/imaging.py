@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import ApiError
-from ssdcore.imaging import model_input
+from ssdcore.imaging import model_input, sniffed_format
 from ssdcore.spec import SSD300
 
 # Pillow registers plugins lazily; ours are these three, nothing else is ever opened.
@@ -58,12 +58,9 @@ class DecodedImage:
 
 def sniff(data: bytes) -> str:
     """The format of ``data`` from its magic bytes; raises ApiError for anything not allowed."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
+    fmt = sniffed_format(data)
+    if fmt is not None:
+        return fmt
     for magic, offset, name in _REFUSED_MAGIC:
         if data[offset : offset + len(magic)] == magic:
             raise ApiError(

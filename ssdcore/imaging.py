@@ -16,6 +16,19 @@ BACKGROUND = (255, 255, 255)  # where transparent pixels are composited
 _ORIENTATION_TAG = 0x0112
 
 
+def sniffed_format(data: bytes) -> str | None:
+    """``JPEG``, ``PNG`` or ``WEBP`` from the magic bytes (never a name or a declared type),
+    else None. Pillow names a JPEG holding several pictures (a phone's MPO) ``MPO``: it is a
+    JPEG here, opened as one (``Image.open(..., formats=[...])``) and decoded as one."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def model_input(
     img: Image.Image, jpeg: bool, size: int, dct_scaling: bool = True
 ) -> tuple[np.ndarray, int, int]:

@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--calibration-data",
         type=Path,
-        help="images for INT8 calibration (a folder, or a COCO layout: its val2017/); "
-        "they go through the gateway's preprocessing",
+        help="images for INT8 calibration (a folder, or a COCO layout: its train2017/); "
+        "they go through the gateway's decoding and preprocessing",
     )
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument(

@@ -2,8 +2,10 @@
 (the only module that imports ``onnxruntime.quantization``).
 
 - Calibration images go through exactly the gateway's preprocessing (``ssdcore.imaging``:
-  decode, EXIF, RGB, 300x300 bilinear, uint8); a folder of images or a COCO-layout folder
-  (its ``val2017/``, else ``train2017/``), a few hundred by default, with a progress bar.
+  the format sniffed from the bytes, decode with DCT scaling, EXIF, RGB, 300x300 bilinear,
+  uint8); a folder of images or a COCO-layout folder (its ``train2017/``: its ``val2017/`` is
+  what the INT8 accuracy is measured on), a few hundred by default, with a progress bar; the
+  metadata names the folder used.
 - U8 activations, S8 per-channel weights; only convolutions are quantized: the backbone, the
   extra blocks and the heads. The outputs of the box and class heads of levels 1-5 stay fp32
   (their weights are INT8, dequantized): measurement says so. With those outputs quantized to
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ssdcore.imaging import model_input
+from ssdcore.imaging import model_input, sniffed_format
 from ssdcore.labels import ClassList
 from ssdcore.spec import SSD300, TENSOR_NAMES
 from training.export.served import ServedSSD
@@ -37,14 +40,21 @@ SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_IMAGES = 300
 
 
-def calibration_files(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` image files of ``folder`` (a COCO layout: its val2017/, else train2017/),
-    drawn evenly at random (seeded) when there are more."""
+def calibration_folder(folder: Path) -> Path:
+    """Where the calibration images are: a COCO layout's training images (its train2017/; its
+    val2017/ only when it has no training images: those are what the INT8 model's accuracy is
+    measured on), else the folder itself."""
     folder = Path(folder)
-    for sub in ("val2017", "train2017"):
+    for sub in ("train2017", "val2017"):
         if (folder / sub).is_dir():
-            folder = folder / sub
-            break
+            return folder / sub
+    return folder
+
+
+def calibration_files(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` image files of ``folder`` (:func:`calibration_folder`), drawn evenly at random
+    (seeded) when there are more."""
+    folder = calibration_folder(folder)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"no JPEG, PNG or WebP images under {folder}")
@@ -54,13 +64,24 @@ def calibration_files(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return files
 
 
-def calibration_images(folder: Path, count: int = DEFAULT_IMAGES, seed: int = 0) -> np.ndarray:
-    """(n, 300, 300, 3) uint8: the model's inputs for the calibration images."""
+def calibration_images(
+    folder: Path, count: int = DEFAULT_IMAGES, seed: int = 0, dct_scaling: bool = True
+) -> np.ndarray:
+    """(n, 300, 300, 3) uint8: the model's inputs for the calibration images, decoded as the
+    gateway decodes uploads (the format sniffed from the bytes, ``dct_scaling`` as its
+    SSD_JPEG_DCT_SCALING); files that are not JPEG, PNG or WebP are skipped."""
     out = []
     for path in tqdm(calibration_files(folder, count, seed), desc="calibration images"):
-        with Image.open(path) as img:
-            pixels, _, _ = model_input(img, img.format == "JPEG", SSD300.image_size)
+        data = path.read_bytes()
+        fmt = sniffed_format(data)
+        if fmt is None:
+            log.warning("%s is not a JPEG, PNG or WebP image: not used for calibration", path)
+            continue
+        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            pixels, _, _ = model_input(img, fmt == "JPEG", SSD300.image_size, dct_scaling)
         out.append(pixels)
+    if not out:
+        raise ValueError(f"no JPEG, PNG or WebP images under {calibration_folder(folder)}")
     return np.stack(out)
 
 
@@ -195,5 +216,6 @@ def export_int8(
         if key not in kept:
             proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(path))
-    facts["calibration_data"] = str(calibration)
+    facts["calibration_data"] = str(calibration_folder(calibration))
+    facts["calibration_dct_scaling"] = True  # the gateway's default (SSD_JPEG_DCT_SCALING)
     return facts
