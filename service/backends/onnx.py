@@ -143,29 +143,45 @@ class OnnxBackend:
         raise RuntimeError(f"no version of {self.store.path} can be served: {'; '.join(errors)}")
 
     async def refresh(self) -> Refresh:
-        newest = self.store.newest()
+        """Serve the newest servable version: the newest one, else (refused, or refused before
+        and unchanged since) the next older one; the served one stays when it is that."""
         self.versions.present = [v.label for v in self.store.versions()]
-        if newest is None or self.current is None:
+        if self.current is None:
             return Refresh()
-        try:
-            stamp = newest.stamp()
-        except OSError:  # removed while we looked
-            return Refresh()
-        if newest.label == self.current.info.version and stamp == self.current.stamp:
-            return Refresh()
-        if self._refused.get(newest.number, (None,))[0] == stamp:
-            return Refresh()  # refused already, unchanged since
         loop = asyncio.get_running_loop()
-        try:
-            loaded = await loop.run_in_executor(self._loader, self._load, newest)
-        except RuntimeError as exc:
-            self._refuse(newest, str(exc))
-            return Refresh(refused=(newest.label, str(exc)))
-        old = self._switch(loaded)
-        return Refresh(switched_to=loaded.info.version, switched_from=old.info.version)
+        refused = None
+        for candidate in reversed(self.store.with_metadata()):
+            try:
+                stamp = candidate.stamp()
+            except OSError:  # removed while we looked
+                continue
+            if candidate.label == self.current.info.version and stamp == self.current.stamp:
+                break
+            if self._refused.get(candidate.number, (None,))[0] == stamp:
+                continue  # refused already, unchanged since
+            try:
+                loaded = await loop.run_in_executor(self._loader, self._load, candidate)
+            except RuntimeError as exc:
+                self._refuse(candidate, str(exc))
+                refused = refused or (candidate.label, str(exc))
+                continue
+            old = self._switch(loaded)
+            return Refresh(
+                switched_to=loaded.info.version, switched_from=old.info.version, refused=refused
+            )
+        return Refresh(refused=refused)
 
     def _load(self, version: ModelVersion) -> LoadedVersion:
-        """Load, check and warm up ``version`` (in the loader thread); RuntimeError if refused."""
+        """Load, check and warm up ``version`` (in the loader thread); RuntimeError if refused,
+        whatever failed (a model the contract check trips over refuses its version too)."""
+        try:
+            return self._load_checked(version)
+        except RuntimeError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"{type(exc).__name__} while loading it: {exc}") from None
+
+    def _load_checked(self, version: ModelVersion) -> LoadedVersion:
         try:
             stamp = version.stamp()
             meta = version.verify()

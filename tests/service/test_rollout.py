@@ -194,3 +194,77 @@ def test_sighup_checks_at_once(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def truncated_copy(repo: Path, store: ModelStore, seed: int) -> int:
+    """A version whose model file was cut short after its export (a copy that died)."""
+    scratch = repo.parent / f"scratch-{seed}"
+    number = write_version(scratch, "onnx", seed, COCO, version=store.next_number())
+    model_file = ModelStore(scratch, store.name).version(number).file("model.onnx")
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    ModelStore(scratch, store.name).version(number).path.rename(store.version(number).path)
+    return number
+
+
+def test_a_rollback_behind_a_refused_version_serves_the_newest_servable_one(tmp_path):
+    """v1, v2 served, v3 broken (refused); retiring v2 must bring v1 back, not keep serving the
+    retired v2 because the newest version (v3) is the refused one."""
+    import asyncio
+
+    from service.backends.onnx import OnnxBackend
+
+    repo = tmp_path / "repo"
+    write_version(repo, "onnx", 1)
+    write_version(repo, "onnx", 2)
+    store = ModelStore(repo, MODEL_NAMES["onnx"])
+
+    async def main():
+        backend = OnnxBackend(repo, "ssd300_onnx", 1)
+        await backend.start()
+        assert backend.info.version == "2"
+        broken = truncated_copy(repo, store, 3)
+        outcome = await backend.refresh()
+        assert outcome.refused[0] == str(broken) and backend.info.version == "2"
+        store.retire(2)
+        outcome = await backend.refresh()
+        assert outcome.switched_to == "1" and backend.info.version == "1"
+        assert (await backend.refresh()).switched_to is None  # and stays there
+        await backend.close()
+
+    asyncio.run(main())
+
+
+def test_a_version_that_fails_its_checks_in_any_way_is_refused(tmp_path, monkeypatch):
+    """A model that trips the contract check with something else than RuntimeError (a scores
+    output of rank 1: IndexError) is refused like any broken version: at start-up the previous
+    one is served (it used to crash the start), on a poll it is not reloaded again and again."""
+    import asyncio
+
+    import service.backends.onnx as onnx_backend
+
+    repo = tmp_path / "repo"
+    write_version(repo, "onnx", 1)
+    write_version(repo, "onnx", 2)
+    real, checks = onnx_backend.check_contract, []
+
+    def check(inputs, outputs):  # version 2's model, as one with a rank-1 scores output
+        checks.append(1)
+        if len(checks) == 1:
+            raise IndexError("list index out of range")
+        return real(inputs, outputs)
+
+    monkeypatch.setattr(onnx_backend, "check_contract", check)
+
+    async def main():
+        backend = onnx_backend.OnnxBackend(repo, "ssd300_onnx", 1)
+        await backend.start()
+        assert backend.info.version == "1"
+        assert backend.versions.refused["version"] == "2"
+        assert "IndexError" in backend.versions.refused["reason"]
+        calls = len(checks)
+        for _ in range(3):
+            assert (await backend.refresh()).switched_to is None
+        assert len(checks) == calls  # refused once, not re-checked while unchanged
+        await backend.close()
+
+    asyncio.run(main())
