@@ -9,11 +9,18 @@ Layout (Triton's, with this project's files inside each version)::
     <root>/<model>/<N>/labels.txt       the same names, one per line (for people and Triton)
     <root>/<model>/<N>/metadata.json    written last: what the version is, with the size and
                                         SHA-256 of every file above
-    <root>/<model>/.staging-<N>-<pid>/  a version being written; renamed to <N> once complete
+    <root>/<model>/.staging-<N>-<id>/   a version being written; renamed to <N> once complete
+    <root>/<model>/.highest-version     the highest number ever published: numbers only go up
+    <root>/.export.lock                 held (flock) by the one export writing at a time
 
 A version folder appears in one rename, complete, so Triton and the service never see half of
 one; a folder killed in the middle stays a ``.staging-*`` folder that nothing serves (Triton
-ignores folders whose name is not a number). A version is *servable* when its metadata parses,
+ignores folders whose name is not a number). Writers take the repository's lock for the whole
+export (:func:`exclusive`): two exports at once (two release revisions of a chart, each with
+its export Job on the same volume) take their numbers one after the other, and staging folders
+found while holding it are abandoned (their writer held the lock), whatever host or PID
+namespace wrote them. The lock is ``flock(2)``: local file systems, and NFS (Linux maps it to
+the server's byte-range locks, NFSv4 or NFSv3 with the lock manager). A version is *servable* when its metadata parses,
 its files have the recorded sizes and hashes, and its class list agrees with the class count
 the metadata declares (:meth:`ModelVersion.verify`).
 """
@@ -21,11 +28,13 @@ the metadata declares (:meth:`ModelVersion.verify`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,8 @@ LABELS = "labels.txt"
 METADATA = "metadata.json"
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
+HIGHEST = ".highest-version"
+LOCK = ".export.lock"
 METADATA_FORMAT = "ssd300-version/1"
 MAX_JSON_BYTES = 16 << 20  # classes.json / metadata.json larger than this are not ours
 
@@ -288,15 +299,22 @@ class ModelStore:
     # ------------------------------------------------------------------ writing
 
     def next_number(self) -> int:
+        """One more than any version present or ever published (a retired number is never
+        handed out again: gateways and S3 copies know it as the retired version)."""
         numbers = [v.number for v in self.versions()]
-        return max(numbers, default=0) + 1
+        return max(*numbers, self.highest_published(), 0) + 1
+
+    def highest_published(self) -> int:
+        try:
+            return int((self.path / HIGHEST).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
     @contextlib.contextmanager
     def staging(self, number: int) -> Iterator[Path]:
         """A folder to write version ``number`` into; removed unless :meth:`publish` moved it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        folder = self.path / f"{STAGING_PREFIX}{number}-{os.getpid()}"
-        shutil.rmtree(folder, ignore_errors=True)
+        folder = self.path / f"{STAGING_PREFIX}{number}-{uuid.uuid4().hex[:12]}"
         folder.mkdir()
         try:
             yield folder
@@ -317,6 +335,8 @@ class ModelStore:
         if target.exists():
             raise RepositoryError(f"{target} exists: versions are never overwritten")
         os.rename(folder, target)
+        if meta.version > self.highest_published():
+            write_text_atomic(f"{meta.version}\n", self.path / HIGHEST)
         _fsync_dir(self.path)
         return self.version(meta.version)
 
@@ -325,8 +345,7 @@ class ModelStore:
         source = self.path / str(number)
         if not source.is_dir():
             raise RepositoryError(f"{source} does not exist")
-        gone = self.path / f"{RETIRED_PREFIX}{number}-{os.getpid()}"
-        shutil.rmtree(gone, ignore_errors=True)
+        gone = self.path / f"{RETIRED_PREFIX}{number}-{uuid.uuid4().hex[:12]}"
         os.rename(source, gone)
         shutil.rmtree(gone, ignore_errors=True)
 
@@ -346,21 +365,31 @@ class ModelStore:
         return removed
 
     def remove_stale_staging(self) -> None:
-        """Staging folders of writers that are no longer running (killed exports)."""
+        """Staging and retired folders left by writers that died (killed exports). Call it
+        holding the repository's lock (:func:`exclusive`): every writer holds it while it
+        writes, so what is there then belongs to none that is running."""
         for entry in [*self.path.glob(f"{STAGING_PREFIX}*"), *self.path.glob(f"{RETIRED_PREFIX}*")]:
-            pid = entry.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@contextlib.contextmanager
+def exclusive(root: Path, wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """The repository at ``root`` for one writer at a time: an exclusive ``flock`` on
+    ``root/.export.lock``, held until the block ends (the kernel drops it if the process dies).
+    ``wait`` is called once when another writer holds it (to say so) before blocking."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait is not None:
+                wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import (
     CLASSES,
+    HIGHEST,
     METADATA,
     ModelStore,
     RepositoryError,
@@ -37,7 +38,8 @@ def test_a_published_version_is_complete_and_checked(tmp_path):
     v = publish(store, 1)
     assert [x.number for x in store.versions()] == [1]
     assert v.verify().files["model.onnx"].size == 4 and v.classes() == PETS
-    assert [p.name for p in store.path.iterdir()] == ["1"]  # no staging folder left
+    assert sorted(p.name for p in store.path.iterdir()) == [HIGHEST, "1"]  # no staging folder left
+    assert store.highest_published() == 1
     v.file("model.onnx").write_bytes(b"onnx but longer")
     with pytest.raises(RepositoryError, match=r"model.onnx has 15 bytes, 4 were written"):
         v.verify()
@@ -108,6 +110,6 @@ def test_prune_and_retire(tmp_path: Path):
     assert [v.number for v in store.versions()] == [2, 3]
     store.retire(3)
     assert [v.number for v in store.versions()] == [2]
-    assert [p.name for p in store.path.iterdir()] == ["2"]
+    assert sorted(p.name for p in store.path.iterdir()) == [HIGHEST, "2"]
     with pytest.raises(RepositoryError):
         store.retire(3)

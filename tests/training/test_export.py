@@ -107,7 +107,7 @@ def test_repository_layout_and_metadata(model_repo):
         assert meta["topk"] == (0 if fmt == "raw" else 2000)
         assert set(meta["files"]) >= {"classes.json", "labels.txt"}
         assert ModelStore(model_repo, MODEL_NAMES[fmt]).version(1).verify().format == fmt
-        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
+        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == [".highest-version"]
     assert (model_repo / "ssd300_python" / "1" / "model.py").is_file()
     cfg = (model_repo / "ssd300_python" / "config.pbtxt").read_text()
     assert "max_queue_size: 64" in cfg and "timeout_action: REJECT" in cfg

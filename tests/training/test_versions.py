@@ -86,7 +86,7 @@ def test_an_export_killed_in_the_middle_leaves_no_version(tmp_path):
     # the next export clears the dead writer's folder and takes the number
     assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
     assert numbers(repo) == [1, 2]
-    assert [p.name for p in model.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in model.iterdir() if p.name.startswith((".staging", ".retired"))] == []
 
 
 def test_retire_rolls_back_and_refuses_to_leave_nothing(tmp_path):
@@ -115,3 +115,77 @@ def test_ensure_means_this_checkpoint_with_these_options(tmp_path):
     ModelStore(repo, "ssd300_onnx").version(3).file("model.onnx").write_bytes(b"x")
     assert main(["--checkpoint", str(b), *args, "--topk", "500"]) == 0
     assert numbers(repo) == [1, 2, 3, 4]  # the broken 3 does not count towards --keep
+
+
+def test_numbers_only_go_up_after_a_retire(tmp_path):
+    """A retired number is never handed out again (gateways, Triton's class-list cache and the
+    S3 copies know it as the retired version)."""
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert main(["--retire", "3", "--output", str(repo)]) == 0
+    assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert numbers(repo) == [1, 2, 4]
+
+
+def export_command(repo: Path, classes: Path) -> list[str]:
+    return [sys.executable, "-m", "training.export", "--random-init", "--output", str(repo),
+            "--classes", str(classes), *FAST, "--keep", "0"]  # fmt: skip
+
+
+def test_exports_at_once_take_their_numbers_one_after_the_other(tmp_path):
+    """Two exports into one repository at the same moment (two release revisions' export Jobs
+    on one volume): each writes a whole version of its own, with its own class list."""
+    import onnx
+
+    from ssdcore.labels import ClassList
+    from ssdcore.repository import CLASSES
+
+    lists = {
+        "pets": ClassList((7, 8, 9), ("cat", "dog", "bird")),
+        "cars": ClassList((3, 4), ("car", "truck")),
+    }
+    files = {}
+    for name, classes in lists.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(classes.to_json()))
+    repo = tmp_path / "repo"
+    procs = [
+        subprocess.Popen(export_command(repo, f), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for f in files.values()
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    store = ModelStore(repo, "ssd300_onnx")
+    assert numbers(repo) == [1, 2]
+    seen = set()
+    for version in store.versions():
+        version.verify()  # every file as its metadata says
+        classes = ClassList.from_json(json.loads(version.file(CLASSES).read_text()))
+        props = {p.key: p.value for p in onnx.load(str(version.file("model.onnx"))).metadata_props}
+        assert ClassList.from_json(json.loads(props["classes"])) == classes  # its own model
+        seen.add(classes.names)
+    assert seen == {c.names for c in lists.values()}
+    assert [p.name for p in store.path.iterdir() if p.name.startswith(".staging")] == []
+
+
+def test_an_export_waits_for_the_one_writing_and_never_removes_its_staging(tmp_path):
+    """Another pod's export is writing (it holds the repository's lock; its staging folder is
+    named by a PID this host does not have): a new export waits, leaves that folder alone, and
+    goes on once the lock is released."""
+    from ssdcore.labels import COCO
+    from ssdcore.repository import exclusive
+
+    repo = tmp_path / "repo"
+    classes = tmp_path / "coco.json"
+    classes.write_text(json.dumps(COCO.to_json()))
+    staging = repo / "ssd300_onnx" / ".staging-1-4194301"  # no such PID here
+    with exclusive(repo):
+        staging.mkdir(parents=True)
+        proc = subprocess.Popen(export_command(repo, classes), cwd=ROOT, stderr=subprocess.PIPE)
+        time.sleep(8)  # long enough for an unlocked export to have cleared it and written
+        assert proc.poll() is None and staging.is_dir() and numbers(repo) == []
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert b"another export is writing" in err
+    assert numbers(repo) == [1] and not staging.exists()  # abandoned once the lock was free

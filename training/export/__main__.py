@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ssdcore.labels import ClassList
-from ssdcore.repository import MODEL_NAMES, ModelStore, RepositoryError, file_sha256
+from ssdcore.repository import MODEL_NAMES, ModelStore, RepositoryError, exclusive, file_sha256
 from training.checkpoint import CheckpointError
 from training.downloads import DownloadError
 from training.export.config_pbtxt import DEFAULT_TOPK, ExportOptions
@@ -210,7 +210,8 @@ def retire(output: Path, formats: list[str] | None, number: int) -> int:
             return 2
     for store in stores:
         try:
-            store.retire(number)
+            with exclusive(output):  # not in the middle of an export's pruning
+                store.retire(number)
         except (OSError, RepositoryError) as exc:
             log.error("cannot retire %s version %d: %s", store.name, number, exc)
             return 2

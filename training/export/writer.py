@@ -24,6 +24,7 @@ from ssdcore.repository import (
     ModelStore,
     RepositoryError,
     VersionMetadata,
+    exclusive,
     write_json_atomic,
     write_text_atomic,
 )
@@ -125,6 +126,24 @@ def export(
         raise SystemExit(f"--topk must be in 1..{limit} for {len(classes)} classes")
     wanted = [*formats, "raw"] if raw else list(formats)
     stores = {fmt: ModelStore(Path(output), MODEL_NAMES[fmt]) for fmt in wanted}
+    waiting = lambda: log.info("another export is writing into %s: waiting for it", output)  # noqa: E731
+    with exclusive(Path(output), wait=waiting):  # one export at a time: its number is its own
+        return _write_versions(
+            stores, model, classes, weights, opts, version, keep, calibration, calibration_images
+        )
+
+
+def _write_versions(
+    stores: dict[str, ModelStore],
+    model,
+    classes: ClassList,
+    weights: Weights,
+    opts: ExportOptions,
+    version: int | None,
+    keep: int | None,
+    calibration: Path | None,
+    calibration_images: int,
+) -> dict[str, VersionMetadata]:
     number = version or max(store.next_number() for store in stores.values())
     for store in stores.values():
         if store.version(number).path.exists():
