@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures as cf
-import io
 import statistics
 import sys
 import threading
@@ -52,9 +51,9 @@ sys.path.insert(0, str(ARGS.tree))
 import httpx
 import numpy as np
 import uvicorn
-from PIL import Image
 
 from benchmarks.common import cpu_flags, cpu_name, goal, machine, table
+from devtools.images import encode
 from loadtest.processes import free_port
 from service.app import create_app
 from service.backends.onnx import OnnxBackend
@@ -112,15 +111,7 @@ class Service:
         self.thread.join(30)
 
 
-def jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=85)
-    return out.getvalue()
-
-
-IMAGE = jpeg(0)
+IMAGE = encode(np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8), quality=85)
 
 
 def post(client: httpx.Client, n: int = 1) -> tuple[int, float]:

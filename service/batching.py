@@ -19,10 +19,12 @@ The rules, in the order a batch is made:
   backend pins each request to the version it was admitted to); the version of the first
   request in the order picks it, the others wait for the next batch.
 - **Only images that can still be answered.** A request cancelled (its client went away, its
-  timeout passed, another of its images failed) leaves the queue at once. A request whose
-  deadline would pass before the batch could finish (its measured duration) fails with 504
-  instead of being run. The backend call's timeout is the latest deadline in the batch: each
-  request keeps its own deadline, and a nearly expired one never times out the others.
+  timeout passed, another of its images failed) leaves the queue at once. A batch takes as many
+  images, in turn order, as can be run (calls of each size are timed) before the deadline of
+  every request among them; a request that not even a call of one image could answer in time
+  fails with 504 instead of being run. The backend call's timeout is the latest deadline in the
+  batch: each request keeps its own deadline, and a nearly expired one never times out the
+  others.
 - **Every future resolved.** Whatever ends a backend call (an error, a cancellation, a failure
   to stack the images), every request in its batch gets an answer at once.
 """
@@ -148,7 +150,8 @@ class MicroBatcher:
         if self._queued or len(self._busy_until) >= self.concurrency:
             # a slot, then the calls that run what waits and this request's images
             full, rest = divmod(self._queued + n, self.max_size)
-            drain = full * self.call_seconds(self.max_size) + self.call_seconds(rest)
+            known = self._estimates()
+            drain = full * self.call_seconds(self.max_size, known) + self.call_seconds(rest, known)
             wait = self._slot_free_in(now) + drain / self.concurrency
             if now + wait > deadline:
                 self.metrics.rejected.labels("would_time_out").inc()
@@ -224,14 +227,15 @@ class MicroBatcher:
         before the deadline of every request among them (on a CPU, whose calls grow with their
         size, a shorter batch can answer requests a full one would lose). A request that not
         even a call of one image could answer in time expires."""
-        one = self.call_seconds(1)
+        known = self._estimates()
+        one = self.call_seconds(1, known)
         for request in [r for r in self._waiting if r.deadline < now + one]:
             self._expire(request, one)
         order = self._turns()
         size, earliest = 0, float("inf")
         for k, request in enumerate(order, start=1):
             earliest = min(earliest, request.deadline)
-            if earliest >= now + self.call_seconds(k):
+            if earliest >= now + self.call_seconds(k, known):
                 size = k
         chosen: dict[_Request, int] = {}
         for request in order[:size]:
@@ -246,7 +250,7 @@ class MicroBatcher:
             if request.items:
                 self._waiting.append(request)
         if batch:
-            self._busy_until.append(now + self.call_seconds(len(batch)))
+            self._busy_until.append(now + self.call_seconds(len(batch), known))
         return batch
 
     def _turns(self) -> list[_Request]:
@@ -314,12 +318,12 @@ class MicroBatcher:
                 out[size] = min(seconds for _, seconds in samples)
         return out
 
-    def call_seconds(self, size: int) -> float:
+    def call_seconds(self, size: int, known: dict[int, float] | None = None) -> float:
         """What a backend call of ``size`` images takes, as measured (0 before any call, and for
         0 images): the size itself, else between the nearest sizes measured, else in proportion
         to the nearest one (as on a CPU; a GPU's calls grow less with the size, and are soon
-        measured)."""
-        known = self._estimates()
+        measured). ``known``: :meth:`_estimates`, when the caller asks for several sizes."""
+        known = self._estimates() if known is None else known
         if size <= 0 or not known:
             return 0.0
         if size in known:

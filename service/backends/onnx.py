@@ -129,14 +129,11 @@ class OnnxBackend:
                 f"no model version in {self.store.path}: export one with "
                 "`python -m training.export` (or run `make serve`, which does it)"
             )
-        loop = asyncio.get_running_loop()
         errors = []
         for version in reversed(versions):
-            try:
-                loaded = await loop.run_in_executor(self._loader, self._load, version)
-            except RuntimeError as exc:
-                self._refuse(version, str(exc))
-                errors.append(f"version {version.number}: {exc}")
+            loaded, reason = await self._load_or_refuse(version)
+            if loaded is None:
+                errors.append(f"version {version.number}: {reason}")
                 continue
             self._switch(loaded)
             return
@@ -148,7 +145,6 @@ class OnnxBackend:
         self.versions.present = [v.label for v in self.store.versions()]
         if self.current is None:
             return Refresh()
-        loop = asyncio.get_running_loop()
         refused = None
         for candidate in reversed(self.store.with_metadata()):
             try:
@@ -159,17 +155,24 @@ class OnnxBackend:
                 break
             if self._refused.get(candidate.number, (None,))[0] == stamp:
                 continue  # refused already, unchanged since
-            try:
-                loaded = await loop.run_in_executor(self._loader, self._load, candidate)
-            except RuntimeError as exc:
-                self._refuse(candidate, str(exc))
-                refused = refused or (candidate.label, str(exc))
+            loaded, reason = await self._load_or_refuse(candidate)
+            if loaded is None:
+                refused = refused or (candidate.label, reason)
                 continue
             old = self._switch(loaded)
             return Refresh(
                 switched_to=loaded.info.version, switched_from=old.info.version, refused=refused
             )
         return Refresh(refused=refused)
+
+    async def _load_or_refuse(self, version: ModelVersion) -> tuple[LoadedVersion | None, str]:
+        """``version`` loaded in the loader thread, or refused with the reason."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._loader, self._load, version), ""
+        except RuntimeError as exc:
+            self._refuse(version, str(exc))
+            return None, str(exc)
 
     def _load(self, version: ModelVersion) -> LoadedVersion:
         """Load, check and warm up ``version`` (in the loader thread); RuntimeError if refused,
