@@ -15,6 +15,10 @@ The rules, in the order a batch is made:
 - **Fair between requests.** A batch takes one image from each waiting request in turn (in the
   order the requests arrived) until it is full; requests that had images in it go to the back
   of the order. A single image behind a 16-image request waits for one batch at most, not two.
+- **Images before video frames.** A video's frames are submitted as background requests: a batch
+  takes the images of still-image requests first, and fills the places left with frames (round-
+  robin between videos too). A video never delays an image request by more than the one batch
+  already at the backend; under a steady flood of images, videos slow down, not images.
 - **One model version.** A batch holds images pinned to one model version only (the embedded
   backend pins each request to the version it was admitted to); the version of the first
   request in the order picks it, the others wait for the next batch.
@@ -65,6 +69,7 @@ class _Request:
     deadline: float  # perf_counter time by which the request must be answered
     pin: object  # the model version (Backend.pin) its request was admitted to
     enqueued: float
+    background: bool = False  # a video's frames: taken after every waiting image
     items: collections.deque = field(default_factory=collections.deque)
 
 
@@ -115,19 +120,23 @@ class MicroBatcher:
         return self._queued
 
     async def submit(
-        self, pixels: list[np.ndarray], deadline: float, pin: object = None
+        self,
+        pixels: list[np.ndarray],
+        deadline: float,
+        pin: object = None,
+        background: bool = False,
     ) -> list[BatchResult]:
         """Queue images and wait for their results (in the same order).
 
         ``deadline`` (a ``time.perf_counter()`` value): when the request must be answered;
-        ``pin``: the model version they go to.
+        ``pin``: the model version they go to; ``background``: video frames (run after images).
         """
         if self._closed:
             raise BackendUnavailable("the service is shutting down")
         now = time.perf_counter()
-        self._admit(len(pixels), deadline, now)
+        self._admit(len(pixels), deadline, now, background)
         loop = asyncio.get_running_loop()
-        request = _Request(deadline, pin, now)
+        request = _Request(deadline, pin, now, background=background)
         items = [_Item(p, loop.create_future(), request) for p in pixels]
         request.items.extend(items)
         self._waiting.append(request)
@@ -140,25 +149,31 @@ class MicroBatcher:
             for item in items:
                 item.future.cancel()
 
-    def _admit(self, n: int, deadline: float, now: float) -> None:
+    def _admit(self, n: int, deadline: float, now: float, background: bool) -> None:
         if self._queued + n > self.max_queued:
             self.metrics.rejected.labels("batch_queue_full").inc()
             raise QueueFull(
                 f"{self._queued} images are waiting for the model already (at most "
                 f"{self.max_queued}); retry shortly"
             )
-        if self._queued or len(self._busy_until) >= self.concurrency:
-            # a slot, then the calls that run what waits and this request's images
-            full, rest = divmod(self._queued + n, self.max_size)
+        # images wait only for images; frames for everything
+        ahead = self._queued if background else self._queued_images()
+        if ahead or len(self._busy_until) >= self.concurrency:
+            # a slot, then the calls that run what waits ahead and this request's images
+            full, rest = divmod(ahead + n, self.max_size)
             known = self._estimates()
             drain = full * self.call_seconds(self.max_size, known) + self.call_seconds(rest, known)
             wait = self._slot_free_in(now) + drain / self.concurrency
             if now + wait > deadline:
                 self.metrics.rejected.labels("would_time_out").inc()
                 raise QueueFull(
-                    f"the {self._queued} images waiting need about {wait:.2f} s of the model, "
+                    f"the {ahead} images waiting need about {wait:.2f} s of the model, "
                     f"more than this request has left; retry shortly"
                 )
+
+    def _queued_images(self) -> int:
+        """Images of still-image requests waiting (frames excluded)."""
+        return sum(len(r.items) for r in self._waiting if not r.background)
 
     def _slot_free_in(self, now: float) -> float:
         """Seconds until a backend slot should be free (0 when one is)."""
@@ -255,18 +270,22 @@ class MicroBatcher:
 
     def _turns(self) -> list[_Request]:
         """The requests whose images the next batch would take, one entry per image, in turn:
-        one image of each waiting request of the first one's model version, then again."""
-        if not self._waiting:
+        one image of each waiting image request of the first one's model version, then again;
+        then, in the places left, one frame of each waiting video in turn."""
+        waiting = [r for r in self._waiting if r.items]
+        if not waiting:
             return []
-        pin = self._waiting[0].pin
-        eligible = [r for r in self._waiting if r.pin is pin and r.items]
-        left = {r: len(r.items) for r in eligible}
+        images = [r for r in waiting if not r.background]
+        pin = (images or waiting)[0].pin
         order: list[_Request] = []
-        while len(order) < self.max_size and any(left.values()):
-            for request in eligible:
-                if len(order) < self.max_size and left[request]:
-                    left[request] -= 1
-                    order.append(request)
+        for group in (images, [r for r in waiting if r.background]):
+            eligible = [r for r in group if r.pin is pin]
+            left = {r: len(r.items) for r in eligible}
+            while len(order) < self.max_size and any(left.values()):
+                for request in eligible:
+                    if len(order) < self.max_size and left[request]:
+                        left[request] -= 1
+                        order.append(request)
         return order
 
     async def _infer(self, batch: list[_Item], expected_end: float) -> None:

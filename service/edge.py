@@ -22,6 +22,7 @@ from service.metrics import Metrics
 
 _ROUTES = {
     "/v1/detect",
+    "/v1/videos",
     "/v1/models",
     "/livez",
     "/readyz",
@@ -70,9 +71,12 @@ class EdgeMiddleware:
         deadline: BodyDeadline,
         admission: UploadAdmission,
         trusted_proxies: list | None = None,
+        spooled: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body
+        # paths whose bodies go to a file as they arrive: their own cap, no place in the buffer
+        self.spooled = spooled or {}
         self.metrics = metrics
         self.deadline = deadline
         self.admission = admission
@@ -104,9 +108,11 @@ class EdgeMiddleware:
                 )
                 await response(scope, receive, send_wrapper)
                 return
+            max_body = self.spooled.get(scope["path"], self.max_body)
+            spooled = scope["path"] in self.spooled
             declared = headers.get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-                await self._too_large(scope, receive, send_wrapper, request_id)
+            if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+                await self._too_large(scope, receive, send_wrapper, request_id, max_body)
                 return
             received, started, body_done = 0, None, False
             upload = None  # a place in the admission while the body is partial
@@ -142,9 +148,9 @@ class EdgeMiddleware:
                     size = len(message.get("body", b""))
                     received += size
                     body_done = not message.get("more_body", False)
-                    if received > self.max_body:
-                        raise ApiError(413, "payload_too_large", self._limit_text())
-                    if body_done:
+                    if received > max_body:
+                        raise ApiError(413, "payload_too_large", self._limit_text(max_body))
+                    if body_done or spooled:
                         if upload is not None:
                             self.admission.finish(upload)
                     else:
@@ -177,12 +183,15 @@ class EdgeMiddleware:
             peer, forwarded.decode("latin-1") if forwarded else None, self.trusted
         )
 
-    def _limit_text(self) -> str:
-        return f"the request body is larger than {self.max_body} bytes"
+    @staticmethod
+    def _limit_text(max_body: int) -> str:
+        return f"the request body is larger than {max_body} bytes"
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def _too_large(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, max_body: int
+    ) -> None:
         response = JSONResponse(
-            error_body("payload_too_large", self._limit_text(), request_id),
+            error_body("payload_too_large", self._limit_text(max_body), request_id),
             status_code=413,
             headers={"Connection": "close"},
         )

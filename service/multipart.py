@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -32,6 +34,8 @@ class Part:
     name: str
     is_file: bool
     data: bytearray = field(default_factory=bytearray)
+    sink: BinaryIO | None = None  # a file part written to disk instead of ``data``
+    size: int = 0
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -46,9 +50,14 @@ def boundary_of(content_type: str) -> bytes:
 
 
 async def read_form(
-    content_type: str, stream: AsyncIterator[bytes], max_files: int
+    content_type: str,
+    stream: AsyncIterator[bytes],
+    max_files: int,
+    spool: tuple[str, BinaryIO] | None = None,
 ) -> dict[str, list[Part]]:
-    """Parse a multipart body; returns the parts by field name (files and text fields)."""
+    """Parse a multipart body; returns the parts by field name (files and text fields).
+    ``spool``: (field, file): that field's one file is written to the file as it arrives, and
+    no other file is accepted (a video upload)."""
     parts: list[Part] = []
     state = {"headers": {}, "field": b"", "value": b"", "files": 0}
 
@@ -81,10 +90,19 @@ async def read_form(
             state["files"] += 1
             if state["files"] > max_files:
                 raise ApiError(400, "too_many_files", f"at most {max_files} files per request")
-        parts.append(Part(name, is_file))
+        part = Part(name, is_file)
+        if spool is not None and is_file:
+            if name != spool[0] or state["files"] > 1:
+                raise ApiError(400, "too_many_files", f"send one file, in the field {spool[0]!r}")
+            part.sink = spool[1]
+        parts.append(part)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
+        part.size += end - start
+        if part.sink is not None:
+            part.sink.write(data[start:end])
+            return
         part.data += data[start:end]
         if not part.is_file and len(part.data) > MAX_FIELD_BYTES:
             raise ApiError(
@@ -138,4 +156,31 @@ async def read_uploads(request: Request, max_files: int) -> list[bytes]:
         415,
         "unsupported_media_type",
         "send multipart/form-data with an 'image' field, or an image/* body",
+    )
+
+
+async def read_video_upload(request: Request, dest: Path, media_types: tuple[str, ...]) -> int:
+    """Writes the video of a multipart form (field ``video``) or of a raw ``video/*`` body to
+    ``dest`` as it arrives; returns its size in bytes."""
+    content_type = request.headers.get("content-type", "")
+    ctype = content_type.split(";")[0].strip().lower()
+    with open(dest, "wb") as f:
+        if ctype == "multipart/form-data":
+            form = await read_form(content_type, request.stream(), 1, spool=("video", f))
+            files = [p for p in form.get("video", []) if p.is_file]
+            if not files:
+                raise ApiError(400, "missing_file", "no file in the form field 'video'")
+            return files[0].size
+        if ctype in media_types or ctype == "application/octet-stream":
+            size = 0
+            async for chunk in request.stream():
+                f.write(chunk)
+                size += len(chunk)
+            if size == 0:
+                raise ApiError(400, "empty_body", "the request has no video")
+            return size
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"send multipart/form-data with a 'video' field, or a body of {', '.join(media_types)}",
     )

@@ -135,6 +135,35 @@ class Settings(BaseSettings):
         "free (service/memory.py); 0 keeps glibc's adaptive threshold",
     )
 
+    # videos (POST /v1/videos; service/video/)
+    max_video_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024,
+        description="a video upload's size at most (413); written to a temporary file as it "
+        "arrives, never held in memory (outside SSD_UPLOAD_BUFFER_BYTES)",
+    )
+    max_video_seconds: float = Field(
+        600.0, gt=0, description="a video's duration at most, from its header and its frames"
+    )
+    max_video_pixels: int = Field(
+        3840 * 2160, ge=1, description="pixels of a video frame at most, from the header (4K UHD)"
+    )
+    max_video_side: int = Field(4096, ge=1, description="longest side of a video frame")
+    max_videos: int = Field(
+        2, ge=1, description="videos processed at once; beyond: 503 before the upload is read"
+    )
+    video_max_fps: float = Field(
+        30.0,
+        gt=0,
+        description="frames per second detected at most (a request's fps= may ask fewer); "
+        "a 60 fps video is sampled to this",
+    )
+    video_dir: Path | None = Field(
+        None,
+        description="where uploaded videos are written while they are processed (unset: the "
+        "system's temporary folder); what a crashed gateway left there is removed at start",
+    )
+
     # security
     api_key: SecretStr | None = Field(
         None,

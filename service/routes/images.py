@@ -1,0 +1,95 @@
+"""``POST /v1/detect``: still images, one or a batch."""
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from service.metrics import Metrics
+from service.multipart import read_uploads
+from service.pipeline import DetectParams, Pipeline
+from service.routes.common import client_gone_mid_upload, pipeline, unless_disconnected
+from service.settings import Settings
+
+_BINARY = {"type": "string", "format": "binary"}
+DETECT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {**_BINARY, "description": "one image (JPEG, PNG or WebP)"},
+                    "images": {"type": "array", "items": _BINARY, "description": "a batch"},
+                },
+            }
+        },
+        "image/jpeg": {"schema": _BINARY},
+        "image/png": {"schema": _BINARY},
+        "image/webp": {"schema": _BINARY},
+    },
+}
+
+
+def detect_params(settings: Settings) -> Callable[..., DetectParams]:
+    """The query parameters of every detecting route (images, videos), defaults from settings."""
+
+    def params(
+        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = settings.score_threshold,
+        iou_threshold: Annotated[float, Query(gt=0.0, le=1.0)] = settings.iou_threshold,
+        max_detections: Annotated[int, Query(ge=1, le=1000)] = settings.max_detections,
+        classes: Annotated[
+            str | None,
+            Query(
+                max_length=2000,
+                description="comma-separated class names or category ids of this model "
+                "(GET /v1/models lists them)",
+            ),
+        ] = None,
+    ) -> DetectParams:
+        wanted = tuple(classes.split(",")) if classes is not None else None
+        return DetectParams.of(score_threshold, iou_threshold, max_detections, wanted)
+
+    return params
+
+
+def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(auth)])
+
+    @api.post(
+        "/v1/detect",
+        openapi_extra={"requestBody": DETECT_BODY},
+        summary="Detect objects in one image or a batch",
+        description=(
+            "Send a multipart form with one file in `image` (or several in `images`), or a raw "
+            "`image/jpeg`, `image/png` or `image/webp` body. Boxes are in pixels of the displayed "
+            "(EXIF-oriented) image."
+        ),
+        responses={
+            400: {"description": "bad image"},
+            413: {"description": "body too large"},
+            415: {"description": "unsupported body"},
+            503: {"description": "overloaded"},
+            504: {"description": "deadline exceeded"},
+        },
+    )
+    async def detect(
+        request: Request,
+        pipe: Annotated[Pipeline, Depends(pipeline)],
+        params: Annotated[DetectParams, Depends(detect_params(settings))],
+    ) -> JSONResponse:
+        params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
+        # uploads and inference are bounded apart: a partial upload holds bytes of the upload
+        # buffer (the edge's admission, until its body deadline at most), never a model slot
+        try:
+            uploads = await read_uploads(request, settings.max_files)
+        except ClientDisconnect:
+            raise client_gone_mid_upload(request, metrics) from None
+        with request.app.state.in_flight.place():
+            body = await unless_disconnected(request, pipe.detect(uploads, params), metrics)
+        body["request_id"] = request.state.request_id
+        return JSONResponse(body)
+
+    return api

@@ -1,0 +1,210 @@
+"""``POST /v1/videos``: a video file, detected, tracked and counted, answered as NDJSON."""
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.multipart import read_video_upload
+from service.pipeline import DetectParams, Pipeline
+from service.routes.common import client_gone_mid_upload, pipeline
+from service.routes.images import detect_params
+from service.settings import Settings
+from service.video.processing import VideoParams, VideoRun
+from service.video.protocol import VideoError, VideoLimits
+from service.video.tracking import Line
+from service.video.worker import DecodeWorker
+
+log = logging.getLogger("service")
+MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
+MAX_LINES = 16
+_BINARY = {"type": "string", "format": "binary"}
+VIDEO_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"video": {**_BINARY, "description": "MP4/MOV, WebM/MKV or AVI"}},
+            }
+        },
+        **{t: {"schema": _BINARY} for t in MEDIA_TYPES},
+    },
+}
+
+
+def parse_lines(text: str | None) -> tuple[Line, ...]:
+    """``x1,y1,x2,y2;x1,y1,x2,y2`` or a JSON list of [x1, y1, x2, y2], in pixels."""
+    if text is None or not text.strip():
+        return ()
+    try:
+        if text.lstrip().startswith("["):
+            values = json.loads(text)
+        else:
+            values = [[float(v) for v in part.split(",")] for part in text.split(";") if part]
+        lines = []
+        for value in values:
+            if len(value) != 4:
+                raise ValueError("a line is four numbers: x1,y1,x2,y2")
+            x1, y1, x2, y2 = (float(v) for v in value)
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+                raise ValueError("coordinates must be finite numbers")
+            if (x1, y1) == (x2, y2):
+                raise ValueError("a line's two points must differ")
+            lines.append(Line(x1, y1, x2, y2))
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
+    if len(lines) > MAX_LINES:
+        raise ApiError(422, "invalid_parameter", f"lines: at most {MAX_LINES}")
+    return tuple(lines)
+
+
+class VideoSlots:
+    """Videos processed at once (``SSD_MAX_VIDEOS``): a place is taken before the upload is
+    read and given back when the answer ends, however it ends."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit, self.used, self.metrics = limit, 0, metrics
+
+    def take(self) -> None:
+        if self.used >= self.limit:
+            self.metrics.rejected.labels("videos_busy").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{self.used} videos are being processed (at most {self.limit}); retry later",
+                {"Retry-After": "5"},
+            )
+        self.used += 1
+
+    def give_back(self) -> None:
+        self.used -= 1
+
+
+def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(auth)])
+    limits = VideoLimits(
+        settings.max_video_pixels, settings.max_video_side, settings.max_video_seconds
+    )
+
+    @api.post(
+        "/v1/videos",
+        openapi_extra={"requestBody": VIDEO_BODY},
+        summary="Detect and track objects through a video, count line crossings",
+        description=(
+            "Send a multipart form with the file in `video`, or a raw video body. The answer "
+            "streams as `application/x-ndjson`: one line per processed frame (`frame`, `pts_s`, "
+            "`model_version`, `detections` with `track_id`, `crossings`), then a `summary` line "
+            "(frames, duration, tracks per class, per-line counts by class and direction). An "
+            "error after the first line is an `error` line. Boxes are in the video's pixels."
+        ),
+        responses={
+            200: {"content": {"application/x-ndjson": {}}},
+            400: {"description": "not a decodable video"},
+            413: {"description": "too large, too long or frames too large"},
+            415: {"description": "not a video container the service reads"},
+            503: {"description": "too many videos at once"},
+        },
+    )
+    async def videos(
+        request: Request,
+        pipe: Annotated[Pipeline, Depends(pipeline)],
+        detect: Annotated[DetectParams, Depends(detect_params(settings))],
+        fps: Annotated[
+            float | None,
+            Query(
+                gt=0,
+                description="frames per second to detect on (default: every frame, "
+                f"up to {settings.video_max_fps:g})",
+            ),
+        ] = None,
+        track: Annotated[bool, Query(description="a track id on every detection")] = True,
+        lines: Annotated[
+            str | None,
+            Query(
+                max_length=4000,
+                description="lines to count crossings of, in pixels: x1,y1,x2,y2;... or a "
+                "JSON list of [x1, y1, x2, y2]",
+            ),
+        ] = None,
+    ) -> StreamingResponse:
+        detect.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
+        params = VideoParams(
+            detect,
+            min(fps or settings.video_max_fps, settings.video_max_fps),
+            track,
+            parse_lines(lines),
+        )
+        slots: VideoSlots = request.app.state.video_slots
+        slots.take()
+        path = request.app.state.video_spool.new_file()
+        worker = None
+        try:
+            try:
+                size = await read_video_upload(request, path, MEDIA_TYPES)
+            except ClientDisconnect:
+                raise client_gone_mid_upload(request, metrics) from None
+            worker = await DecodeWorker.start(path, params.fps, limits)
+            try:
+                video = await worker.info()
+            except VideoError as exc:
+                metrics.rejected.labels(exc.code).inc()
+                raise ApiError(exc.status, exc.code, exc.message) from None
+            log.info(
+                "video %s: %d bytes, %s %dx%d %.2f fps %.1f s",
+                request.state.request_id,
+                size,
+                video.codec,
+                video.width,
+                video.height,
+                video.fps,
+                video.duration_s,
+            )
+            run = VideoRun(
+                pipe, worker, video, params, 2 * settings.batch_max_size, request.state.request_id
+            )
+        except BaseException:
+            if worker is not None:
+                await worker.close()
+            path.unlink(missing_ok=True)
+            slots.give_back()
+            raise
+
+        done = False
+
+        async def cleanup() -> None:
+            """Once, whichever comes first: the body's end, or the response's end when the
+            client went away before the body started."""
+            nonlocal done
+            if done:
+                return
+            done = True
+            with contextlib.suppress(Exception):
+                await worker.close()
+            path.unlink(missing_ok=True)
+            slots.give_back()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for line in run.lines():
+                    yield line
+            finally:
+                await cleanup()
+
+        return StreamingResponse(
+            body(),
+            media_type="application/x-ndjson",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(cleanup),
+        )
+
+    return api

@@ -1,0 +1,151 @@
+"""Video decoding: the only module that imports PyAV (FFmpeg's libraries).
+
+An upload is untrusted input for FFmpeg, which follows references: an HLS playlist, a ``concat``
+script or an MP4's data references can make a "video" read local files or reach other hosts.
+So a file is opened
+
+- with its demuxer named, never probed: the container is recognised from its first bytes
+  (MP4/MOV, Matroska/WebM, AVI) and anything else is refused before FFmpeg sees it;
+- with ``protocol_whitelist=file`` (nothing but the file itself can be opened) and the MP4
+  demuxer's external data references off (``enable_drefs=0``, FFmpeg's default, set anyway);
+- after its header is checked against the limits (frame size, duration) before any frame is
+  decoded.
+
+Frames are sampled at the requested rate from their timestamps and resized to the model's
+300x300 RGB by libswscale (bilinear), the way the export expects its ``images`` input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from service.video.protocol import Frame, VideoError, VideoInfo, VideoLimits
+from ssdcore.spec import SSD300
+
+SIZE = SSD300.image_size
+# recognised container -> FFmpeg's demuxer; the media types a raw body may name
+CONTAINERS = {"mp4": "mov", "matroska": "matroska", "avi": "avi"}
+MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
+OPEN_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0"}
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
+
+
+def container_of(head: bytes) -> str | None:
+    """The container a file's first bytes show (None: not one the service accepts)."""
+    if len(head) >= 8 and head[4:8] in _MP4_BOXES:
+        return "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def open_video(path: Path) -> av.container.InputContainer:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = container_of(head)
+    if kind is None:
+        raise VideoError(
+            415,
+            "unsupported_video",
+            "not a video container the service reads (MP4/MOV, Matroska/WebM or AVI)",
+        )
+    try:
+        return av.open(str(path), format=CONTAINERS[kind], options=dict(OPEN_OPTIONS))
+    except av.FFmpegError as exc:
+        raise VideoError(400, "invalid_video", f"the video cannot be read: {exc}") from None
+
+
+def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoInfo:
+    """The first video stream's header, checked against ``limits`` before any decoding."""
+    if not container.streams.video:
+        raise VideoError(400, "no_video_stream", "the file has no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0:
+        raise VideoError(400, "invalid_video", "the video stream declares no frame size")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise VideoError(
+            413,
+            "video_too_large",
+            f"frames of {width}x{height} exceed the limit ({limits.max_pixels} pixels, "
+            f"{limits.max_side} a side)",
+        )
+    duration = 0.0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    if duration > limits.max_seconds:
+        raise VideoError(
+            413,
+            "video_too_long",
+            f"the video lasts {duration:.1f} s; at most {limits.max_seconds:g} s",
+        )
+    rate = stream.average_rate or stream.guessed_rate or Fraction(0)
+    return VideoInfo(
+        container=container.format.name,
+        codec=stream.codec_context.name,
+        width=width,
+        height=height,
+        fps=float(rate),
+        duration_s=duration,
+        frames=int(stream.frames or 0),
+    )
+
+
+@dataclass
+class Progress:
+    decoded: int = 0  # frames decoded so far, sampled or not
+
+
+def frames(
+    container: av.container.InputContainer,
+    fps: float | None,
+    limits: VideoLimits,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> Iterator[Frame]:
+    """The frames to detect on, resized to 300x300 RGB: every frame, or at most ``fps`` a second
+    chosen by their timestamps. A frame past ``limits.max_seconds`` (a header that lied) or of
+    another size than the header's ends the video with an error."""
+    progress = progress if progress is not None else Progress()
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    width, height = stream.codec_context.width, stream.codec_context.height
+    step = 1.0 / fps if fps else 0.0
+    next_t = None
+    index = -1
+    try:
+        for frame in container.decode(stream):
+            index += 1
+            progress.decoded = index + 1
+            t = float(frame.time) if frame.time is not None else index * (step or 0.04)
+            if t > limits.max_seconds:
+                raise VideoError(
+                    413, "video_too_long", f"a frame at {t:.1f} s: at most {limits.max_seconds:g} s"
+                )
+            if (frame.width, frame.height) != (width, height):
+                raise VideoError(
+                    400,
+                    "invalid_video",
+                    f"frame {index} is {frame.width}x{frame.height}, the stream {width}x{height}",
+                )
+            if next_t is not None and t < next_t - 1e-6:
+                continue
+            next_t = (t if next_t is None else max(next_t, t - step)) + step
+            pixels = frame.reformat(
+                width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
+            ).to_ndarray()
+            yield Frame(index, t, pixels)
+    except av.FFmpegError as exc:
+        raise VideoError(
+            400, "invalid_video", f"decoding failed at frame {index + 1}: {exc}"
+        ) from None

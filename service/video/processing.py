@@ -1,0 +1,246 @@
+"""The flow of ``POST /v1/videos``: frames from the decoding worker -> the micro-batcher (as
+background requests, after still images) -> NMS -> tracks -> line counts -> one NDJSON line per
+frame, then a summary line.
+
+Frames are read from the worker only as the model frees up: at most ``window`` of them are at
+the batcher at once, so memory stays flat for a video of any length, while the worker decodes
+the next frame during the model's work. One model version answers the whole video: the embedded
+backends pin it; with Triton, which picks the version itself, a change is said in the line
+where it happened (``model_version_changed``) and the class names follow the version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.backends import ModelInfo
+from service.batching import BatchResult
+from service.errors import ApiError
+from service.pipeline import DetectParams, Pipeline, to_pixel_detections
+from service.video.protocol import Frame, VideoError, VideoInfo
+from service.video.tracking import Line, LineCounter, Tracker
+from service.video.worker import DecodeWorker
+from ssdcore.postprocess import postprocess
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    detect: DetectParams
+    fps: float  # frames per second detected at most
+    track: bool = True
+    lines: tuple[Line, ...] = ()
+
+
+def ndjson(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def error_line(status: int, code: str, message: str, request_id: str | None) -> bytes:
+    return ndjson(
+        {"error": {"status": status, "code": code, "message": message, "request_id": request_id}}
+    )
+
+
+def model_body(info: ModelInfo) -> dict:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "backend": info.backend,
+        "random_weights": info.random_weights,
+    }
+
+
+@dataclass
+class _Stages:
+    """Seconds spent waiting for or doing each stage (the summary's ``timings_ms``)."""
+
+    decode_wait: float = 0.0  # waiting for the worker's next frame (decode + resize)
+    model_wait: float = 0.0  # waiting for a frame's result once nothing else could be done
+    postprocess: float = 0.0  # NMS and pixel boxes
+    tracking: float = 0.0  # tracker and line counts
+    started: float = field(default_factory=time.perf_counter)
+
+
+class VideoRun:
+    """One video: iterate :meth:`lines` for the response body."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        worker: DecodeWorker,
+        video: VideoInfo,
+        params: VideoParams,
+        window: int,
+        request_id: str | None,
+    ) -> None:
+        self.pipe = pipe
+        self.worker = worker
+        self.video = video
+        self.params = params
+        self.window = window
+        self.request_id = request_id
+        self.rate = min(params.fps, video.fps) if video.fps > 0 else params.fps
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        backend = self.pipe.backend
+        pin = backend.pin()
+        info = pin.info if pin is not None else backend.info
+        pending: collections.deque[tuple[Frame, asyncio.Future]] = collections.deque()
+        stages = _Stages()
+        tracker = (
+            Tracker(self.rate, self.params.detect.postprocess.score_threshold)
+            if self.params.track
+            else None
+        )
+        counter = LineCounter(list(self.params.lines)) if self.params.lines else None
+        processed, last_pts, reading = 0, 0.0, True
+        try:
+            while True:
+                while reading and len(pending) < self.window:
+                    t = time.perf_counter()
+                    frame = await self.worker.next()
+                    stages.decode_wait += time.perf_counter() - t
+                    if frame is None:
+                        reading = False
+                        break
+                    work = self.pipe.batcher.submit(
+                        [frame.pixels],
+                        deadline=time.perf_counter() + self.pipe.timeout_s,
+                        pin=pin,
+                        background=True,
+                    )
+                    pending.append((frame, asyncio.ensure_future(work)))
+                if not pending:
+                    break
+                frame, future = pending.popleft()
+                t = time.perf_counter()
+                result: BatchResult = (await future)[0]
+                stages.model_wait += time.perf_counter() - t
+                line: dict = {"frame": frame.index, "pts_s": round(frame.pts_s, 6)}
+                if pin is None:  # Triton names the version that answered
+                    answered = backend.info_for(result.candidates.version)
+                    if answered.version != info.version:
+                        line["model_version_changed"] = {
+                            "from": info.version,
+                            "to": answered.version,
+                        }
+                        info = answered
+                line["model_version"] = info.version
+                line["detections"] = self._detections(result, info, tracker, counter, stages, line)
+                processed += 1
+                last_pts = frame.pts_s
+                yield ndjson(line)
+        except (VideoError, ApiError) as exc:
+            status = getattr(exc, "status", 500)
+            yield error_line(status, exc.code, exc.message, self.request_id)
+            return
+        finally:
+            for _, future in pending:
+                future.cancel()
+            if pending:
+                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            if pin is not None:
+                backend.unpin(pin)
+            await self.worker.close()
+        yield ndjson(self._summary(info, processed, last_pts, tracker, counter, stages))
+
+    def _detections(
+        self,
+        result: BatchResult,
+        info: ModelInfo,
+        tracker: Tracker | None,
+        counter: LineCounter | None,
+        stages: _Stages,
+        line: dict,
+    ) -> list[dict]:
+        t0 = time.perf_counter()
+        c = result.candidates
+        det = postprocess(
+            c.boxes[result.row],
+            c.scores[result.row],
+            c.classes[result.row],
+            self.params.detect.postprocess,
+            allowed_classes=self.params.detect.allowed(info.classes),
+        )
+        w, h = self.video.width, self.video.height
+        out = to_pixel_detections(det.boxes, det.scores, det.classes, w, h, info.classes)
+        t1 = time.perf_counter()
+        stages.postprocess += t1 - t0
+        if tracker is None:
+            return out
+        pixels = np.asarray(
+            [[d["box"]["x1"], d["box"]["y1"], d["box"]["x2"], d["box"]["y2"]] for d in out],
+            dtype=np.float64,
+        ).reshape(-1, 4)
+        ids = tracker.update(pixels, det.scores, det.classes)
+        for d, track_id in zip(out, ids.tolist()):
+            d["track_id"] = track_id if track_id >= 0 else None
+        if counter is not None:
+            crossings = counter.update(pixels, det.classes, ids)
+            if crossings:
+                line["crossings"] = [
+                    {"line": index, "track_id": track, "direction": direction}
+                    for index, track, direction in crossings
+                ]
+        stages.tracking += time.perf_counter() - t1
+        return out
+
+    def _summary(
+        self,
+        info: ModelInfo,
+        processed: int,
+        last_pts: float,
+        tracker: Tracker | None,
+        counter: LineCounter | None,
+        stages: _Stages,
+    ) -> dict:
+        names = info.classes.name
+        lines = []
+        if counter is not None:
+            for line, counts in zip(self.params.lines, counter.counts()):
+                lines.append(
+                    {
+                        "line": [line.x1, line.y1, line.x2, line.y2],
+                        "in": {names(k): v for k, v in sorted(counts["in"].items())},
+                        "out": {names(k): v for k, v in sorted(counts["out"].items())},
+                    }
+                )
+        total = time.perf_counter() - stages.started
+        return {
+            "summary": {
+                "frames_decoded": self.worker.decoded,
+                "frames_processed": processed,
+                "duration_s": round(max(self.video.duration_s, last_pts), 6),
+                "fps_sampled": self.rate,
+                "width": self.video.width,
+                "height": self.video.height,
+                "video": {
+                    "container": self.video.container,
+                    "codec": self.video.codec,
+                    "fps": self.video.fps,
+                },
+                "tracks": (
+                    {names(k): v for k, v in sorted(tracker.tracks_per_class.items())}
+                    if tracker is not None
+                    else None
+                ),
+                "lines": lines,
+                "model": model_body(info),
+                "request_id": self.request_id,
+                "timings_ms": {
+                    "decode_wait": round(stages.decode_wait * 1e3, 1),
+                    "model_wait": round(stages.model_wait * 1e3, 1),
+                    "postprocess": round(stages.postprocess * 1e3, 1),
+                    "tracking": round(stages.tracking * 1e3, 1),
+                    "total": round(total * 1e3, 1),
+                },
+                "frames_per_second": round(processed / total, 3) if total > 0 else None,
+            }
+        }

@@ -1,0 +1,143 @@
+"""Tracking and line counting: the only module that imports ``supervision`` (MIT).
+
+Tracks come from supervision's ByteTrack, one tracker per class (ByteTrack itself ignores the
+class: a track could otherwise turn from a car into a person), with ids unique across classes.
+Why supervision 0.30 and not Roboflow's ``trackers`` (Apache-2.0, where ByteTrack moves next):
+``trackers`` needs numpy 2, and the Triton client stack the project tests with (``nvidia-
+pytriton``) pins numpy below 2. supervision 0.30 is the last release that ships ByteTrack (it
+warns that it moves); this module is the one place to change when the move is possible.
+
+Line counts are supervision's ``LineZone`` on each box's centre: a track is counted once each
+time its centre crosses the segment (not the infinite line) from one side to the other.
+Directions, with the line given from its first point A to its second B, in the pixels of the
+displayed image (y down): ``in`` is a crossing from the right of A->B to its left, ``out`` from
+its left to its right (for A=(0,100), B=(200,100): moving up is ``in``, down is ``out``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+with warnings.catch_warnings():  # its optional OpenCV backend; the pure numpy one is used
+    warnings.simplefilter("ignore")
+    import supervision as sv
+
+# a track lost for up to this many seconds (occluded, missed) keeps its id when it comes back
+LOST_TRACK_S = 2.0
+
+
+@dataclass(frozen=True)
+class Line:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+def _detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> sv.Detections:
+    return sv.Detections(
+        xyxy=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        confidence=np.asarray(scores, dtype=np.float32),
+        class_id=np.asarray(labels, dtype=np.int64),
+    )
+
+
+class Tracker:
+    """Track ids for the detections of consecutive frames (of one video or stream)."""
+
+    def __init__(self, frame_rate: float, activation_threshold: float) -> None:
+        self.frame_rate = max(1.0, frame_rate)
+        self.activation = activation_threshold
+        self._by_class: dict[int, sv.ByteTrack] = {}
+        self._ids: dict[tuple[int, int], int] = {}  # (class, its tracker's id) -> public id
+        self.tracks_per_class: dict[int, int] = {}  # label -> distinct tracks seen
+
+    def _tracker(self, label: int) -> sv.ByteTrack:
+        if label not in self._by_class:
+            with warnings.catch_warnings():  # ByteTrack's "moves to trackers" notice
+                warnings.simplefilter("ignore")
+                self._by_class[label] = sv.ByteTrack(
+                    track_activation_threshold=self.activation,
+                    lost_track_buffer=round(30 * LOST_TRACK_S),  # frames at 30 fps, scaled
+                    minimum_matching_threshold=0.8,
+                    frame_rate=round(self.frame_rate),
+                    minimum_consecutive_frames=1,
+                )
+        return self._by_class[label]
+
+    def update(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """``boxes`` (N, 4) xyxy pixels, ``scores`` (N,), ``labels`` (N,) of one frame -> the
+        track id of each detection (N,), -1 where none (a new object's first frame is tracked
+        from the next one, as ByteTrack confirms a track)."""
+        ids = np.full(len(labels), -1, dtype=np.int64)
+        present = set(np.asarray(labels).tolist())
+        for label in present | set(self._by_class):
+            rows = np.flatnonzero(np.asarray(labels) == label)
+            tracked = self._tracker(label).update_with_detections(
+                _detections(boxes[rows], scores[rows], np.asarray(labels)[rows])
+            )
+            if len(tracked) == 0:
+                continue
+            # the tracker returns the input detections it matched, boxes unchanged
+            for box, tracker_id in zip(tracked.xyxy, tracked.tracker_id):
+                match = rows[np.flatnonzero(np.all(np.isclose(boxes[rows], box, atol=1e-3), 1))]
+                if match.size:
+                    ids[match[0]] = self._public(label, int(tracker_id))
+        return ids
+
+    def _public(self, label: int, tracker_id: int) -> int:
+        key = (label, tracker_id)
+        if key not in self._ids:
+            self._ids[key] = len(self._ids) + 1
+            self.tracks_per_class[label] = self.tracks_per_class.get(label, 0) + 1
+        return self._ids[key]
+
+
+class LineCounter:
+    """Per line, how many tracks of each class crossed it in each direction."""
+
+    def __init__(self, lines: list[Line]) -> None:
+        self.lines = lines
+        self._zones = [
+            sv.LineZone(
+                sv.Point(line.x1, line.y1),
+                sv.Point(line.x2, line.y2),
+                triggering_anchors=[sv.Position.CENTER],
+            )
+            for line in lines
+        ]
+
+    def update(
+        self, boxes: np.ndarray, labels: np.ndarray, track_ids: np.ndarray
+    ) -> list[tuple[int, int, str]]:
+        """The crossings of this frame: (line index, track id, ``in`` or ``out``)."""
+        keep = track_ids >= 0
+        if not keep.any():
+            return []
+        det = sv.Detections(
+            xyxy=np.asarray(boxes, dtype=np.float32)[keep].reshape(-1, 4),
+            class_id=np.asarray(labels)[keep],
+            tracker_id=track_ids[keep],
+        )
+        events = []
+        for index, zone in enumerate(self._zones):
+            crossed_in, crossed_out = zone.trigger(det)
+            for track, went_in, went_out in zip(det.tracker_id, crossed_in, crossed_out):
+                if went_in:
+                    events.append((index, int(track), "in"))
+                if went_out:
+                    events.append((index, int(track), "out"))
+        return events
+
+    def counts(self) -> list[dict[str, dict[int, int]]]:
+        """Per line: ``{"in": {label: n}, "out": {label: n}}``."""
+        return [
+            {
+                "in": {int(k): v for k, v in zone.in_count_per_class.items()},
+                "out": {int(k): v for k, v in zone.out_count_per_class.items()},
+            }
+            for zone in self._zones
+        ]
