@@ -1,6 +1,5 @@
 """``POST /v1/videos``: a video file, detected, tracked and counted, answered as NDJSON."""
 
-import contextlib
 import json
 import logging
 import math
@@ -154,8 +153,11 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             except ClientDisconnect:
                 raise client_gone_mid_upload(request, metrics) from None
             worker = await DecodeWorker.start(path, params.fps, limits)
-            try:
+            try:  # the header and the first frame: an unusable video is a 4xx, not a line
                 video = await worker.info()
+                first = await worker.next()
+                if first is None:
+                    raise VideoError(400, "no_frames", "the video stream has no frame")
             except VideoError as exc:
                 metrics.rejected.labels(exc.code).inc()
                 raise ApiError(exc.status, exc.code, exc.message) from None
@@ -169,9 +171,8 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                 video.fps,
                 video.duration_s,
             )
-            run = VideoRun(
-                pipe, worker, video, params, 2 * settings.batch_max_size, request.state.request_id
-            )
+            window = 2 * settings.batch_max_size  # one batch at the model, one waiting
+            run = VideoRun(pipe, worker, video, params, window, request.state.request_id, first)
         except BaseException:
             if worker is not None:
                 await worker.close()
@@ -183,13 +184,13 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
 
         async def cleanup() -> None:
             """Once, whichever comes first: the body's end, or the response's end when the
-            client went away before the body started."""
+            client went away before the body started. Nothing awaited: after a disconnect,
+            every await in a cancelled body raises at once."""
             nonlocal done
             if done:
                 return
             done = True
-            with contextlib.suppress(Exception):
-                await worker.close()
+            worker.kill()
             path.unlink(missing_ok=True)
             slots.give_back()
 

@@ -59,7 +59,10 @@ def open_video(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), format=CONTAINERS[kind], options=dict(OPEN_OPTIONS))
     except av.FFmpegError as exc:
-        raise VideoError(400, "invalid_video", f"the video cannot be read: {exc}") from None
+        # the message without the file name (a path of the server's)
+        raise VideoError(
+            400, "invalid_video", f"the video cannot be read: {exc.strerror}"
+        ) from None
 
 
 def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoInfo:
@@ -147,5 +150,5 @@ def frames(
             yield Frame(index, t, pixels)
     except av.FFmpegError as exc:
         raise VideoError(
-            400, "invalid_video", f"decoding failed at frame {index + 1}: {exc}"
+            400, "invalid_video", f"decoding failed at frame {index + 1}: {exc.strerror}"
         ) from None

@@ -79,9 +79,11 @@ class VideoRun:
         params: VideoParams,
         window: int,
         request_id: str | None,
+        first: Frame,
     ) -> None:
         self.pipe = pipe
         self.worker = worker
+        self._first: Frame | None = first  # read before answering: a video has frames
         self.video = video
         self.params = params
         self.window = window
@@ -105,7 +107,7 @@ class VideoRun:
             while True:
                 while reading and len(pending) < self.window:
                     t = time.perf_counter()
-                    frame = await self.worker.next()
+                    frame, self._first = self._first or await self.worker.next(), None
                     stages.decode_wait += time.perf_counter() - t
                     if frame is None:
                         reading = False
@@ -141,14 +143,12 @@ class VideoRun:
             status = getattr(exc, "status", 500)
             yield error_line(status, exc.code, exc.message, self.request_id)
             return
-        finally:
+        finally:  # no await here: a client that went away cancels every await that follows
             for _, future in pending:
-                future.cancel()
-            if pending:
-                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                future.cancel()  # its frames leave the batcher's queue
             if pin is not None:
                 backend.unpin(pin)
-            await self.worker.close()
+            self.worker.kill()
         yield ndjson(self._summary(info, processed, last_pts, tracker, counter, stages))
 
     def _detections(

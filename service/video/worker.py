@@ -106,11 +106,17 @@ class DecodeWorker:
             self._raise(payload)
         raise VideoError(400, "invalid_video", f"unexpected message {kind!r} from the decoder")
 
-    async def close(self) -> None:
-        """Stops the worker if it still runs (the client went away, an error) and reaps it."""
+    def kill(self) -> None:
+        """Stops the worker if it still runs (the client went away, an error); asyncio's child
+        watcher reaps it. Not a coroutine: it runs in cleanups that a cancellation interrupts
+        at their first await."""
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
+
+    async def close(self) -> None:
+        """Stops the worker if it still runs and waits for it to end."""
+        self.kill()
         await self.process.wait()
 
 

@@ -1,0 +1,255 @@
+"""Bad videos and bad clients on ``POST /v1/videos``: each a clear 4xx (or an error line once the
+answer has started), never a 5xx; the decoding worker and the upload's file never outlive the
+request; the service keeps serving images throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from devtools.images import encode, photo
+from devtools.videos import audio_only, no_frames, plain_clip
+from service.settings import Settings
+from service.video.spool import VideoSpool
+from tests.service.conftest import LiveService, run_service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("clips")
+    good = plain_clip(d / "good.mp4", (96, 64), 10)
+    truncated = d / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    hls = d / "playlist.mp4"
+    hls.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n")
+    concat = d / "concat.mp4"
+    concat.write_text("ffconcat version 1.0\nfile 'http://169.254.169.254/latest'\n")
+    fake_mkv = d / "fake.mkv"  # a Matroska signature, then a playlist
+    fake_mkv.write_bytes(b"\x1a\x45\xdf\xa3" + b"#EXTM3U\nfile:///etc/passwd\n")
+    return {
+        "good": good,
+        "truncated": truncated,
+        "hls": hls,
+        "concat": concat,
+        "fake_mkv": fake_mkv,
+        "audio": audio_only(d / "audio.mp4"),
+        "empty": no_frames(d / "empty.mkv"),
+        "huge_frames": plain_clip(d / "huge.mp4", (1920, 1088), 2),
+        "too_long": plain_clip(d / "long.mp4", (64, 48), 120, fps=1),
+        "long": plain_clip(d / "stream.mp4", (96, 64), 1500),
+        "jpeg": _write(d / "photo.mp4", encode(photo(64, 48))),
+    }
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(model_repo, tmp_path_factory) -> Iterator[LiveService]:
+    settings = Settings(
+        model_repository=model_repo,
+        model_name="ssd300_onnx",
+        max_video_bytes=16 * 1024 * 1024,
+        max_video_seconds=100,
+        max_video_pixels=1280 * 720,
+        max_videos=1,
+        video_dir=tmp_path_factory.mktemp("spool"),
+    )
+    with run_service(settings) as service:
+        yield service
+
+
+def post(live: LiveService, path: Path, **params) -> httpx.Response:
+    with live.client() as c:
+        return c.post("/v1/videos", params=params, files={"video": (path.name, path.read_bytes())})
+
+
+def spooled(live: LiveService) -> list[Path]:
+    return [p for p in Path(live.settings.video_dir).rglob("video-*")]
+
+
+def workers() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "service.video.worker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_still_serving(live: LiveService) -> None:
+    with live.client() as c:
+        r = c.post(
+            "/v1/detect", content=encode(photo(64, 48)), headers={"content-type": "image/jpeg"}
+        )
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 5
+    while (spooled(live) or workers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not spooled(live), "an upload's file outlived its request"
+    assert not workers(), "a decoding worker outlived its request"
+
+
+@pytest.mark.parametrize(
+    "name, status, code",
+    [
+        ("jpeg", 415, "unsupported_video"),
+        ("hls", 415, "unsupported_video"),
+        ("concat", 415, "unsupported_video"),
+        ("fake_mkv", 400, "invalid_video"),
+        ("truncated", 400, None),
+        ("audio", 400, "no_video_stream"),
+        ("empty", 400, None),
+        ("huge_frames", 413, "video_too_large"),
+        ("too_long", 413, "video_too_long"),
+    ],
+)
+def test_a_bad_video_is_a_clear_client_error(live, clips, name, status, code):
+    r = post(live, clips[name])
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    if code is not None:
+        assert body["code"] == code, body
+    assert "/" not in body["message"].replace("MP4/MOV", "").replace("Matroska/WebM", ""), (
+        f"a server path in the message: {body['message']}"
+    )
+    assert_still_serving(live)
+
+
+def test_the_good_clip_is_answered_frame_by_frame(live, clips):
+    r = post(live, clips["good"])
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    frames, summary = lines[:-1], lines[-1]["summary"]
+    assert [f["frame"] for f in frames] == list(range(10))
+    assert [f["pts_s"] for f in frames] == pytest.approx([i / 25 for i in range(10)])
+    assert summary["frames_decoded"] == summary["frames_processed"] == 10
+    assert (summary["width"], summary["height"]) == (96, 64)
+    assert all(f["model_version"] == summary["model"]["version"] for f in frames)
+    assert_still_serving(live)
+
+
+def test_limits_of_the_request(live, clips):
+    with live.client() as c:
+        big = c.post(
+            "/v1/videos",
+            content=b"\0" * (live.settings.max_video_bytes + 1),
+            headers={"content-type": "video/mp4"},
+        )
+        assert big.status_code == 413, big.text
+        wrong = c.post("/v1/videos", content=b"x" * 100, headers={"content-type": "text/plain"})
+        assert wrong.status_code == 415, wrong.text
+        two = c.post(
+            "/v1/videos",
+            files=[("video", ("a.mp4", b"1")), ("video", ("b.mp4", b"2"))],
+        )
+        assert two.status_code == 400, two.text
+        raw = c.post(
+            "/v1/videos", content=clips["good"].read_bytes(), headers={"content-type": "video/mp4"}
+        )
+        assert raw.status_code == 200, raw.text
+        for bad in ("1,2,3", "0,0,0,0", "[[1,2,3,4,5]]", "nan,1,2,3"):
+            r = c.post("/v1/videos", params={"lines": bad}, files={"video": ("a.mp4", b"1")})
+            assert r.status_code == 422, (bad, r.text)
+    assert_still_serving(live)
+
+
+def _first_line(stream: Iterator[str]) -> dict:
+    for line in stream:
+        if line:
+            return json.loads(line)
+    raise AssertionError("no line")
+
+
+def test_a_client_gone_mid_answer_stops_the_work(live, clips):
+    """1500 frames take minutes here: the client reads one line and leaves; within seconds the
+    worker is gone, the file removed and no frame of it waits at the model."""
+    with (
+        httpx.Client(base_url=live.url, timeout=60) as c,
+        c.stream("POST", "/v1/videos", files={"video": ("s.mp4", clips["long"].read_bytes())}) as r,
+    ):
+        assert r.status_code == 200
+        _first_line(r.iter_lines())
+        assert workers(), "the worker runs while the video is answered"
+    left = time.monotonic()
+    deadline = left + 5
+    while (workers() or spooled(live)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = time.monotonic() - left
+    assert not workers() and not spooled(live), "work went on for a client that left"
+    assert stopped < 2.0, f"the work stopped {stopped:.2f} s after the client left"
+    deadline = time.monotonic() + 5
+    while live.metric("ssd_batch_queue_images") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.metric("ssd_batch_queue_images") == 0
+    assert_still_serving(live)
+
+
+def test_one_video_at_a_time_when_so_set(live, clips):
+    with (
+        httpx.Client(base_url=live.url, timeout=60) as c,
+        c.stream("POST", "/v1/videos", files={"video": ("s.mp4", clips["long"].read_bytes())}) as r,
+    ):
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response
+        _first_line(lines)
+        second = post(live, clips["good"])
+        assert second.status_code == 503, second.text
+        assert second.json()["error"]["code"] == "overloaded"
+    assert_still_serving(live)
+    assert post(live, clips["good"]).status_code == 200  # the place was given back
+
+
+def test_a_crashing_decoder_ends_its_video_only(live, clips):
+    """The worker dies of a segmentation fault mid-video: the answer has the frames so far, then
+    an error line; the gateway serves on."""
+    with (
+        httpx.Client(base_url=live.url, timeout=60) as c,
+        c.stream("POST", "/v1/videos", files={"video": ("s.mp4", clips["long"].read_bytes())}) as r,
+    ):
+        lines = r.iter_lines()
+        first = _first_line(lines)
+        assert first["frame"] == 0
+        (worker,) = workers()
+        os.kill(worker.pid, signal.SIGSEGV)
+        rest = [json.loads(x) for x in lines if x]
+    assert "error" in rest[-1], rest[-1]
+    assert rest[-1]["error"]["code"] == "decoder_crashed"
+    assert "signal 11" in rest[-1]["error"]["message"]
+    assert all("frame" in x for x in rest[:-1])
+    assert_still_serving(live)
+
+
+def test_what_a_dead_gateway_left_is_removed_at_start(tmp_path):
+    """A gateway's files live in a folder tied to an flock it holds for its life: one whose lock
+    is free (its gateway ended, however) is removed by the next start; a live one's never."""
+    live_one = VideoSpool(tmp_path)
+    kept = live_one.new_file()
+    kept.write_bytes(b"video")
+    dead = tmp_path / "gateway-deadbeef0000"
+    dead.mkdir()
+    (dead / "video-1").write_bytes(b"left behind")
+    (tmp_path / "gateway-deadbeef0000.lock").write_bytes(b"")
+    other = VideoSpool(tmp_path)
+    try:
+        assert other.removed_at_start == 1
+        assert not dead.exists()
+        assert kept.exists(), "a live gateway's upload was removed"
+    finally:
+        other.close()
+        live_one.close()
+    assert not kept.exists()
