@@ -137,6 +137,8 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         ] = None,
     ) -> StreamingResponse:
         detect.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
+        if lines and not track:
+            raise ApiError(422, "invalid_parameter", "lines are counted from tracks: track=true")
         params = VideoParams(
             detect,
             min(fps or settings.video_max_fps, settings.video_max_fps),
