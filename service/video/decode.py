@@ -23,6 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+from PIL import Image
 
 from service.video.protocol import Frame, VideoError, VideoInfo, VideoLimits
 from ssdcore.spec import SSD300
@@ -152,3 +153,47 @@ def frames(
         raise VideoError(
             400, "invalid_video", f"decoding failed at frame {index + 1}: {exc.strerror}"
         ) from None
+
+
+# --- the client's annotated copy: every frame as a picture, and an H.264 writer ---
+
+
+def pictures(path: Path) -> Iterator[tuple[float, Image.Image]]:
+    """Every frame of a (local) video as (presentation time, RGB picture), in order."""
+    container = open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            t = float(frame.time) if frame.time is not None else index / 25
+            yield t, frame.to_image()
+
+
+def frame_rate(path: Path) -> Fraction:
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        return stream.average_rate or stream.guessed_rate or Fraction(25)
+
+
+class VideoWriter:
+    """H.264 (libx264, yuv420p) into an MP4; odd frame sides are padded by one pixel (4:2:0)."""
+
+    def __init__(self, path: Path, size: tuple[int, int], rate: Fraction) -> None:
+        self.size = (size[0] + size[0] % 2, size[1] + size[1] % 2)
+        self.container = av.open(str(path), "w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = self.size
+        self.stream.pix_fmt = "yuv420p"
+
+    def write(self, picture: Image.Image) -> None:
+        if picture.size != self.size:
+            padded = Image.new("RGB", self.size)
+            padded.paste(picture)
+            picture = padded
+        for packet in self.stream.encode(av.VideoFrame.from_image(picture)):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
