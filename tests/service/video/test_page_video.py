@@ -1,0 +1,62 @@
+"""The web page with a video in headless Chromium: it plays with the boxes and track ids drawn over
+it and shows the counts; and the page's layout holds up on a 1280 px screen."""
+
+from __future__ import annotations
+
+import pytest
+
+from devtools.images import encode, photo
+from devtools.videos import COUNTING_LINE
+from tests.service.test_browser import browser  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_a_video_plays_with_its_boxes_and_counts(video_service, scene_clip, browser):  # noqa: F811
+    clip, truth = scene_clip
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(video_service.url + "/")
+    page.fill("#lines", ",".join(str(v) for v in COUNTING_LINE))
+    page.set_input_files("#file", str(clip))
+    page.wait_for_selector('#videoInfo[data-done="1"]', timeout=90_000)
+    info = page.inner_text("#videoInfo")
+    assert '"car":1' in info and '"person":1' in info, info
+    assert "75 of 75 frames" in info, info
+    # at 1.0 s (frame 25) the overlay shows the frame's objects, scaled to the player's size
+    page.evaluate("document.getElementById('player').pause()")
+    page.evaluate("document.getElementById('player').currentTime = 1.0")
+    page.wait_for_function(
+        "document.getElementById('overlay').dataset.frame === '25'", timeout=20_000
+    )
+    assert int(page.get_attribute("#overlay", "data-boxes")) == len(truth[25])
+    shown = page.evaluate(
+        "[document.getElementById('player').clientWidth, document.getElementById('overlay').width]"
+    )
+    assert shown[0] > 640 and shown[0] == shown[1], shown  # as wide as its column, overlay too
+    labels = page.eval_on_selector_all(
+        "tr.detection td:first-child", "e => e.map(x => x.textContent)"
+    )
+    assert all("#" in label for label in labels), labels  # track ids listed
+    page.close()
+
+
+def test_a_small_image_fills_its_column_and_long_names_stay_in_view(service, browser, tmp_path):  # noqa: F811
+    path = tmp_path / "small.jpg"
+    path.write_bytes(encode(photo(400, 300, seed=3)))
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(service.url + "/")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("tr.detection", timeout=30_000)
+    width = page.evaluate("document.getElementById('canvas').getBoundingClientRect().width")
+    assert width > 700, f"a 400 px image drawn {width:.0f} px wide on a 1280 px page"
+    # a very long class name: the table stays within the page, the box column on one line
+    page.evaluate("document.querySelector('tr.detection td').textContent = 'x'.repeat(300)")
+    right = page.evaluate("document.querySelector('.list table').getBoundingClientRect().right")
+    assert right <= 1280, right
+    box_cell = page.query_selector("tr.detection td:nth-child(3)")
+    height = box_cell.evaluate("e => e.getBoundingClientRect().height")
+    row_height = page.evaluate(
+        "document.querySelector('tr.detection td:nth-child(2)').getBoundingClientRect().height"
+    )
+    assert height <= row_height + 1, "the box column wraps"
+    page.close()
