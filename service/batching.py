@@ -17,8 +17,11 @@ The rules, in the order a batch is made:
   of the order. A single image behind a 16-image request waits for one batch at most, not two.
 - **Images before video frames.** A video's frames are submitted as background requests: a batch
   takes the images of still-image requests first, and fills the places left with frames (round-
-  robin between videos too). A video never delays an image request by more than the one batch
-  already at the backend; under a steady flood of images, videos slow down, not images.
+  robin between videos too) only while the call, at the measured pace, stays within 1.25x of
+  the images' own (on a GPU, where a larger batch costs little more, frames fill it; on a CPU,
+  where a call's time grows with its size, an image's batch holds images only). A video never
+  delays an image request by more than the one batch already at the backend; under a steady
+  flood of images, videos slow down, not images.
 - **One model version.** A batch holds images pinned to one model version only (the embedded
   backend pins each request to the version it was admitted to); the version of the first
   request in the order picks it, the others wait for the next batch.
@@ -52,6 +55,7 @@ log = logging.getLogger("service")
 PACE_SAMPLES = 8  # recent calls kept per batch size
 PACE_AGE_S = 60.0  # a call's time counts this long
 PACE_MIN_SAMPLES = 2  # calls of a size before its time counts (the first may be a warm-up)
+RIDE_ALONG = 1.25  # video frames join a batch of images while it takes at most this much longer
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,12 @@ class MicroBatcher:
             earliest = min(earliest, request.deadline)
             if earliest >= now + self.call_seconds(k, known):
                 size = k
+        images = sum(1 for r in order[:size] if not r.background)
+        if images:  # frames ride along only where that costs the images little (a GPU), not
+            # where a call's time grows with its size (a CPU: 4 images cost 4 single runs)
+            alone = self.call_seconds(images, known)
+            while size > images and self.call_seconds(size, known) > RIDE_ALONG * alone:
+                size -= 1
         chosen: dict[_Request, int] = {}
         for request in order[:size]:
             chosen[request] = chosen.get(request, 0) + 1

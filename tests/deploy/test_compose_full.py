@@ -113,5 +113,5 @@ def test_training_image_runs_help_and_the_export_service_feeds_the_stack(folders
         FIGURES["version 2 complete -> first response from it s"] = round(time.monotonic() - t0, 1)
         assert {s: stack.inspect(s)["State"]["StartedAt"] for s in started} == started
     finally:
-        stack.compose("down", "--remove-orphans", "--timeout", "20", check=False)
+        stack.compose("down", "--remove-orphans", "--volumes", "--timeout", "20", check=False)
         write_figures(FIGURES_FILE, "compose-full figures")

@@ -113,7 +113,7 @@ def stack(repo):
         FIGURES["up to first 200 s"] = round(time.monotonic() - t0, 1)
         yield s
     finally:
-        s.compose("down", "--remove-orphans", "--timeout", "20", check=False)
+        s.compose("down", "--remove-orphans", "--volumes", "--timeout", "20", check=False)
         write_figures(FIGURES_FILE, "compose figures")
 
 
@@ -150,6 +150,27 @@ def test_detections_through_the_published_port_are_the_embedded_ones(stack, repo
         embedded = detect(live.url).json()
     dets = body["images"][0]["detections"]
     assert dets and dets == embedded["images"][0]["detections"]
+
+
+def test_a_video_through_the_stack(stack, tmp_path):
+    """The gateway image decodes and tracks videos (PyAV, supervision) over Triton; the upload
+    waits on the gateway's video volume, not in its memory-backed /tmp."""
+    from devtools.videos import plain_clip
+
+    clip = plain_clip(tmp_path / "clip.mp4", (160, 120), 12)
+    r = httpx.post(
+        stack.url + "/v1/videos",
+        files={"video": ("clip.mp4", clip.read_bytes())},
+        params={"max_detections": 5},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    summary = lines[-1]["summary"]
+    assert summary["frames_processed"] == 12 and summary["model"]["backend"] == "triton"
+    assert all(x["model_version"] == "1" for x in lines[:-1])
+    spool = stack.exec("gateway", "sh", "-c", "ls -d /videos/gateway-* && ls /tmp")
+    assert spool.returncode == 0 and "/videos/gateway-" in spool.stdout, spool.stdout
 
 
 def test_request_latency(stack):

@@ -206,6 +206,46 @@ def test_batches_take_one_image_of_each_request_in_turn():
     run(main())
 
 
+async def _frames_and_an_image(backend: StandIn) -> tuple[list[list[int]], float]:
+    """Two videos with 8 frames each waiting (background), then one image: the batches run and
+    how long the image waited."""
+    b = batcher(backend, max_size=4)
+    await warm(b)
+    backend.calls.clear()
+    now = time.perf_counter()
+    frames = [
+        asyncio.create_task(b.submit([image(1000 * v + i)], now + 30, background=True))
+        for i in range(8)
+        for v in (1, 2)
+    ]
+    await asyncio.sleep(0.01)  # the first batch of frames is at the model
+    t0 = time.perf_counter()
+    single = await b.submit([image(7)], now + 30)
+    waited = time.perf_counter() - t0
+    assert tags_answered(single) == [7]
+    await asyncio.gather(*frames)
+    await b.close()
+    return [c.tags for c in backend.calls], waited
+
+
+def test_images_go_before_the_frames_of_videos():
+    """On a CPU-like backend (a call's time grows with its size) the image runs in the next
+    call, alone: it waits for the batch of frames already at the model and its own call, not
+    for the 16 frames queued before it."""
+    batches, waited = run(_frames_and_an_image(StandIn(seconds=lambda n: 0.02 * n)))
+    assert batches[1] == [7], batches
+    assert sorted(batches[0]) == [1000, 1001, 2000, 2001], batches  # round-robin between videos
+    assert waited < 0.02 * 4 + 0.02 + 0.03, waited
+
+
+def test_frames_ride_along_with_an_image_where_batches_are_cheap():
+    """On a GPU-like backend (a call of 4 costs little more than one) the image's call is
+    filled with frames: they cost the image nothing."""
+    batches, waited = run(_frames_and_an_image(StandIn(seconds=lambda n: 0.04 + 0.002 * n)))
+    assert 7 in batches[1] and len(batches[1]) == 4, batches
+    assert waited < 2 * 0.05 + 0.03, waited
+
+
 # ---------------------------------------------------------------------------- 3. every exit
 
 
@@ -297,7 +337,8 @@ def test_a_request_that_could_not_be_run_before_its_deadline_is_refused_at_once(
 
 @pytest.mark.parametrize("seed", range(6))
 def test_invariants_under_randomized_concurrent_traffic(seed):
-    """Requests of 1-16 images, two model versions, random deadlines, waiters cancelled at
+    """Requests of 1-16 images (some of them video frames), two model versions, random
+    deadlines, waiters cancelled at
     random moments, a backend of random pace that fails now and then, up to 3 calls at once.
     Checked: every request is answered with its own images' results or an error, never after
     its deadline by more than one call; no batch mixes versions or exceeds the size; no image of
@@ -325,7 +366,10 @@ def test_invariants_under_randomized_concurrent_traffic(seed):
             budget = rng.choice([0.02, 0.1, 0.3, 2.0])
             deadline = time.perf_counter() + budget
             pin = pin_of[rid] = rng.choice(pins)
-            task = asyncio.create_task(b.submit([image(t) for t in tags], deadline, pin))
+            video = rng.random() < 0.3  # a video's frames: behind images
+            task = asyncio.create_task(
+                b.submit([image(t) for t in tags], deadline, pin, background=video)
+            )
             if rng.random() < 0.2:
                 await asyncio.sleep(rng.uniform(0, 0.05))
                 task.cancel()
