@@ -19,9 +19,11 @@ The rules, in the order a batch is made:
   takes the images of still-image requests first, and fills the places left with frames (round-
   robin between videos too) only while the call, at the measured pace, stays within 1.25x of
   the images' own (on a GPU, where a larger batch costs little more, frames fill it; on a CPU,
-  where a call's time grows with its size, an image's batch holds images only). A video never
-  delays an image request by more than the one batch already at the backend; under a steady
-  flood of images, videos slow down, not images.
+  where a call's time grows with its size, an image's batch holds images only). Batches of
+  frames alone are as large as still pays by the same measure (a CPU: one frame; a GPU: full;
+  the full size runs whenever its time is not known, to measure it). A video never delays an
+  image request by more than the one batch already at the backend (on a CPU, mostly one
+  frame's call); under a steady flood of images, videos slow down, not images.
 - **One model version.** A batch holds images pinned to one model version only (the embedded
   backend pins each request to the version it was admitted to); the version of the first
   request in the order picks it, the others wait for the next batch.
@@ -261,6 +263,14 @@ class MicroBatcher:
             # where a call's time grows with its size (a CPU: 4 images cost 4 single runs)
             alone = self.call_seconds(images, known)
             while size > images and self.call_seconds(size, known) > RIDE_ALONG * alone:
+                size -= 1
+        elif size > 1 and self.max_size in known:
+            # frames alone: a batch only as large as still pays, so that an image arriving
+            # waits for a short call (a CPU: one frame at a time, as fast per frame as eight;
+            # a GPU: full batches). The full size runs whenever its time is not known (at
+            # first, and once its samples have aged out) to measure it.
+            one = self.call_seconds(1, known)
+            while size > 1 and self.call_seconds(size, known) > RIDE_ALONG * one:
                 size -= 1
         chosen: dict[_Request, int] = {}
         for request in order[:size]:
