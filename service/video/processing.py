@@ -92,6 +92,7 @@ class VideoRun:
 
     async def lines(self) -> AsyncIterator[bytes]:
         backend = self.pipe.backend
+        loop = asyncio.get_running_loop()
         pin = backend.pin()
         info = pin.info if pin is not None else backend.info
         pending: collections.deque[tuple[Frame, asyncio.Future]] = collections.deque()
@@ -135,7 +136,10 @@ class VideoRun:
                         }
                         info = answered
                 line["model_version"] = info.version
-                line["detections"] = self._detections(result, info, tracker, counter, stages, line)
+                # NMS and tracking off the event loop (one frame at a time: the tracker's order)
+                line["detections"] = await loop.run_in_executor(
+                    self.pipe.pool, self._detections, result, info, tracker, counter, stages, line
+                )
                 processed += 1
                 last_pts = frame.pts_s
                 yield ndjson(line)
