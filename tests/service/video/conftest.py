@@ -26,7 +26,7 @@ def scene_clip(tmp_path_factory) -> tuple[Path, list]:
 @pytest.fixture(scope="session")
 def scene_repo(tmp_path_factory) -> Path:
     """A ResNet-18 SSD trained on 48 stills of the scene (15 epochs, about 2.5 minutes on two
-    cores; mAP@0.5 0.98 on its stills on an Intel Xeon), exported to ONNX."""
+    cores; mAP@0.5 0.98 on its stills on an Intel Xeon), exported to ONNX (and the Python-backend model Triton runs on a CPU)."""
     from training.export import ExportOptions, export
 
     if os.environ.get("SCENE_REPO"):  # another training of it (checking the margins over seeds)
@@ -44,7 +44,7 @@ def scene_repo(tmp_path_factory) -> Path:
         ]
     )  # fmt: skip
     repo = root / "repo"
-    export(repo, ["onnx"], checkpoint=run / "epoch_14.pt", opts=ExportOptions(gpu=False))
+    export(repo, ["onnx", "python"], checkpoint=run / "epoch_14.pt", opts=ExportOptions(gpu=False))
     return repo
 
 

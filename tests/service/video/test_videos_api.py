@@ -139,3 +139,21 @@ def test_openvino_sees_the_same_scene(scene_repo, scene_clip):
     assert summary["model"]["backend"] == "openvino"
     assert len(frames) == 75
     check_scene(frames, summary, truth)
+
+
+@pytest.mark.triton
+def test_triton_sees_the_same_scene(scene_repo, scene_clip, tmp_path):
+    """Over a real tritonserver (the Python-backend model): Triton picks the version itself, so
+    the gateway reads it from every answer; one version here, named in every line."""
+    from devtools.triton_server import running_triton
+    from tests.service.conftest import triton_settings
+
+    clip, truth = scene_clip
+    with running_triton(scene_repo, ["ssd300_python"], tmp_path / "triton.log") as server:
+        settings = triton_settings(server.grpc_url, scene_repo, backend_concurrency=2)
+        with run_service(settings) as live:
+            frames, summary = run_video(live, clip, lines=LINE)
+    assert summary["model"]["backend"] == "triton"
+    assert len(frames) == 75 and all(f["model_version"] == "1" for f in frames)
+    assert not any("model_version_changed" in f for f in frames)
+    check_scene(frames, summary, truth)
