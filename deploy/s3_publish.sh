@@ -12,7 +12,9 @@
 #   4. its small files follow into MODEL/N/ (metadata.json last: published), and
 #      MODEL/.next-N/ is removed.
 # Formats with one model file only (onnx, onnx_int8, torchscript): the python format's two
-# files cannot appear at once. Versions already in S3 are left alone; a rerun after a failure
+# files cannot appear at once, so its versions are skipped (said on stderr); with nothing else to
+# publish it stops before uploading anything (exit 2). Only a 404 means an object is absent: any
+# other error of S3 stops the publish with its message (exit 3). Versions already in S3 are left alone; a rerun after a failure
 # finishes what it left. A model's config.pbtxt goes with its first version; a changed one is
 # refused. A version rolled back with
 #   aws s3 rm --recursive s3://BUCKET/PREFIX/MODEL/N/ &&
@@ -32,21 +34,42 @@ endpoint=${ENDPOINT:+--endpoint-url $ENDPOINT}
 s3() { aws $endpoint --only-show-errors s3 "$@"; }
 bucket=${dest#s3://}; bucket=${bucket%%/*}
 root=${dest#s3://"$bucket"}; root=${root#/}; root=${root:+$root/}
-exists() {  # one object, by its exact key under DEST
-  aws $endpoint s3api head-object --bucket "$bucket" --key "$root$1" >/dev/null 2>&1
+exists() {  # one object, by its exact key under DEST: present, or absent (404 only); any
+  # other answer (403, throttling, the network) stops the publish: taken for "absent", it would
+  # publish a rolled-back version again or skip the changed-config check
+  if said=$(aws $endpoint s3api head-object --bucket "$bucket" --key "$root$1" 2>&1 >/dev/null); then
+    return 0
+  fi
+  case $said in *"(404)"*|*"Not Found"*|*NoSuchKey*) return 1 ;; esac
+  echo "$0: cannot tell whether s3://$bucket/$root$1 exists, nothing more is published: $said" >&2
+  exit 3
 }
 small="classes.json labels.txt metadata.json"  # metadata.json last: the version is whole
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
-new=""; finish=""
+# what can be published, decided before anything is uploaded: a version of one model file (the
+# export's default formats include the python one, whose two files cannot appear at once: its
+# versions are skipped, said on stderr)
+publishable=""; skipped=0
 for version_dir in "$dir"/*/[0-9]*; do
   [ -f "$version_dir/metadata.json" ] || continue  # not written to the end
+  set -- "$version_dir"/model.*
+  if [ $# -eq 1 ] && [ -f "$1" ]; then
+    publishable="$publishable $version_dir"
+  else
+    echo "$0: skipped $version_dir: model files '$*': one is needed (not the python format)" >&2
+    skipped=$((skipped + 1))
+  fi
+done
+if [ -z "$publishable" ] && [ "$skipped" -gt 0 ]; then
+  echo "$0: nothing in $dir can be published (export --formats onnx, onnx_int8 or torchscript)" >&2
+  exit 2
+fi
+
+new=""; finish=""
+for version_dir in $publishable; do
   model=$(basename "$(dirname "$version_dir")"); version=$(basename "$version_dir")
   set -- "$version_dir"/model.*
-  [ $# -eq 1 ] && [ -f "$1" ] || {
-    echo "$0: $version_dir has model files '$*': one is needed (not the python format)" >&2
-    exit 2
-  }
   file=$(basename "$1")
   if exists "$model/.retired-$version"; then
     echo "$model/$version was rolled back (s3: $model/.retired-$version): not published again"

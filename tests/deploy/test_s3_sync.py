@@ -105,10 +105,10 @@ def sidecar(s3, tmp_path):
     assert out == "", out  # --only-show-errors: anything it printed is an error
 
 
-def publish(s3, tmp: Path, source: Path, wait_s: float) -> subprocess.Popen:
+def publish(s3, tmp: Path, source: Path, wait_s: float, prefix: str = PREFIX) -> subprocess.Popen:
     endpoint, _ = s3
     return subprocess.Popen(
-        ["sh", str(ROOT / "deploy" / "s3_publish.sh"), str(source), f"s3://{BUCKET}/{PREFIX}/"],
+        ["sh", str(ROOT / "deploy" / "s3_publish.sh"), str(source), f"s3://{BUCKET}/{prefix}/"],
         env=aws_env(tmp, ENDPOINT=endpoint, WAIT_S=str(wait_s)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -219,9 +219,50 @@ def test_publish_refuses_what_it_cannot_publish(tmp_path):
         ([], "usage"),
         ([str(tmp_path / "none"), "s3://b/p"], "is not a folder"),
         ([str(tmp_path), "/local/path"], "is not an s3:// URL"),
-        ([str(two_files), "s3://b/p"], "one is needed"),
+        ([str(two_files), "s3://b/p"], "nothing in"),
     ]:
         proc = subprocess.run(["sh", script, *args], env=env, capture_output=True, text=True)
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
     assert shutil.which("aws", path=env["PATH"]), "the aws CLI of the dev install"
     assert os.access(script, os.X_OK)
+
+
+def test_publish_skips_the_python_format_and_publishes_the_rest(s3, tmp_path):
+    """The export's default formats (onnx, torchscript, python): the python versions (two model
+    files) are skipped, said on stderr, and the others published."""
+    _, client = s3
+    source = tmp_path / "repo"
+    write_version(source, "onnx", seed=3)
+    python = source / "ssd300_python" / "1"
+    python.mkdir(parents=True)
+    for name in ("model.py", "model.onnx", "metadata.json", "classes.json"):
+        (python / name).write_text("{}")
+    out = finished(publish(s3, tmp_path, source, 0, prefix="mixed"))
+    assert "skipped" in out and "ssd300_python/1" in out, out
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix="mixed/").get("Contents", [])
+    published = {o["Key"].removeprefix("mixed/") for o in listed}
+    assert {f"{MODEL}/1/model.onnx", f"{MODEL}/1/metadata.json"} <= published, published
+    assert not any(k.startswith("ssd300_python/") for k in published), published
+
+
+def test_an_s3_error_other_than_404_stops_the_publish(tmp_path):
+    """An endpoint that cannot be reached (as a 403 or throttling would): "cannot tell whether
+    it exists", exit 3, never taken for "absent"."""
+    source = tmp_path / "repo"
+    write_version(source, "onnx", seed=4)
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    proc = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "s3_publish.sh"), str(source), f"s3://{BUCKET}/{PREFIX}/"],
+        env=aws_env(tmp_path, ENDPOINT=f"http://127.0.0.1:{port}", WAIT_S="0",
+                    AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
+    assert "cannot tell whether" in proc.stderr, proc.stderr
+    assert "published" not in proc.stdout, proc.stdout
