@@ -22,7 +22,11 @@
 # is not published again.
 #
 # usage: deploy/s3_publish.sh DIR s3://BUCKET/PREFIX
+# It checks DIR first (python -m ssdcore.repository --check, what training.export --check runs):
+# a half-copied version, a file that differs from its metadata or an inconsistent class list
+# stops it before anything is uploaded (exit 2).
 # env:   ENDPOINT  an S3-compatible store's URL (MinIO ...), as the chart's s3.endpoint
+#        PYTHON    the Python with numpy that runs the check (python3)
 #        WAIT_S    seconds for step 2: twice the chart's s3.syncSeconds plus a margin (65)
 set -eu
 [ $# -eq 2 ] || { echo "usage: $0 DIR s3://BUCKET/PREFIX" >&2; exit 2; }
@@ -46,6 +50,14 @@ exists() {  # one object, by its exact key under DEST: present, or absent (404 o
 }
 small="classes.json labels.txt metadata.json"  # metadata.json last: the version is whole
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+# the repository checked first (every version complete, files as recorded, classes consistent)
+here=$(cd "$(dirname "$0")/.." && pwd)
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -m ssdcore.repository \
+  --check "$dir" >"$tmp/check" || {
+  grep WRONG "$tmp/check" >&2
+  echo "$0: $dir failed its check (python -m training.export --check): nothing published" >&2
+  exit 2
+}
 
 # what can be published, decided before anything is uploaded: a version of one model file (the
 # export's default formats include the python one, whose two files cannot appear at once: its

@@ -407,3 +407,63 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_repository(root: Path) -> tuple[list[str], list[str]]:
+    """A repository checked before it is published (``python -m training.export --check``):
+    (what is fine, what is wrong). Wrong: a numbered version without its metadata (half-copied),
+    one whose files differ from what its metadata records (size, SHA-256), whose class list
+    disagrees with the model's class count or with its labels.txt, a model without its
+    config.pbtxt or whose config names another model."""
+    root = Path(root)
+    fine, wrong = [], []
+    models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not models:
+        wrong.append(f"{root}: no model folder")
+    for folder in models:
+        store = ModelStore(root, folder.name)
+        config = store.config
+        if not config.is_file():
+            wrong.append(f"{folder.name}: no {CONFIG}")
+        elif f'name: "{folder.name}"' not in config.read_text(errors="replace"):
+            wrong.append(f"{folder.name}: {CONFIG} names another model")
+        versions = store.versions()
+        if not versions:
+            wrong.append(f"{folder.name}: no version")
+        for version in versions:
+            where = f"{folder.name} version {version.number}"
+            if not version.has_metadata():
+                wrong.append(f"{where}: no {METADATA} (incomplete: copied in part, or a copy "
+                             "still running)")  # fmt: skip
+                continue
+            try:
+                meta = version.verify(hashes=True)
+                classes = version.classes(meta)
+                labels = version.file(LABELS)
+                if labels.is_file() and labels.read_text(encoding="utf-8") != classes.labels_txt():
+                    raise RepositoryError(f"{labels} does not list the names of {CLASSES}")
+            except RepositoryError as exc:
+                wrong.append(f"{where}: {exc}")
+            else:
+                fine.append(f"{where}: {meta.format}, {len(classes)} classes, files as recorded")
+    return fine, wrong
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ssdcore.repository --check DIR`` (what ``training.export --check`` runs,
+    without torch)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ssdcore.repository")
+    p.add_argument("--check", type=Path, required=True, metavar="DIR")
+    args = p.parse_args(argv)
+    fine, wrong = check_repository(args.check)
+    for line in fine:
+        print(f"ok    {line}")
+    for line in wrong:
+        print(f"WRONG {line}")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

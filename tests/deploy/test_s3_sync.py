@@ -211,10 +211,7 @@ def test_publish_refuses_what_it_cannot_publish(tmp_path):
     script = str(ROOT / "deploy" / "s3_publish.sh")
     env = aws_env(tmp_path)
     two_files = tmp_path / "python"  # the python format: model.py and model.onnx
-    version = two_files / "ssd300_python" / "1"
-    version.mkdir(parents=True)
-    for name in ("model.py", "model.onnx", "metadata.json"):
-        (version / name).write_text("{}")
+    write_version(two_files, "python", seed=6)
     for args, said in [
         ([], "usage"),
         ([str(tmp_path / "none"), "s3://b/p"], "is not a folder"),
@@ -233,10 +230,7 @@ def test_publish_skips_the_python_format_and_publishes_the_rest(s3, tmp_path):
     _, client = s3
     source = tmp_path / "repo"
     write_version(source, "onnx", seed=3)
-    python = source / "ssd300_python" / "1"
-    python.mkdir(parents=True)
-    for name in ("model.py", "model.onnx", "metadata.json", "classes.json"):
-        (python / name).write_text("{}")
+    write_version(source, "python", seed=3)
     out = finished(publish(s3, tmp_path, source, 0, prefix="mixed"))
     assert "skipped" in out and "ssd300_python/1" in out, out
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix="mixed/").get("Contents", [])
@@ -266,3 +260,18 @@ def test_an_s3_error_other_than_404_stops_the_publish(tmp_path):
     assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
     assert "cannot tell whether" in proc.stderr, proc.stderr
     assert "published" not in proc.stdout, proc.stdout
+
+
+def test_publish_checks_the_repository_first(s3, tmp_path):
+    """A version copied in part (its model file short of what its metadata records) stops the
+    publish before anything is uploaded, naming the version and why."""
+    _, client = s3
+    source = tmp_path / "repo"
+    write_version(source, "onnx", seed=5)
+    model = source / MODEL / "1" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    proc = publish(s3, tmp_path, source, 0, prefix="checked")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "failed its check" in out and f"{MODEL} version 1" in out, out
+    assert not client.list_objects_v2(Bucket=BUCKET, Prefix="checked/").get("Contents"), out

@@ -4,6 +4,7 @@
         [--formats onnx torchscript python onnx_int8] [--version N] [--keep K] [--ensure] \\
         [--topk K] [--max-batch-size B] [--raw] [--random-init] [--classes FILE]
     python -m training.export --retire N --output model_repository    (roll back)
+    python -m training.export --check DIR    (before publishing a repository: exit 1 if wrong)
 
 Each run writes ``<output>/<model>/<N+1>/`` (model file, classes.json, labels.txt,
 metadata.json) atomically and leaves the served versions alone; a running service (embedded or
@@ -117,6 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "random-init model instead and record why (kept while a servable version exists)",
     )
     p.add_argument(
+        "--check",
+        type=Path,
+        metavar="DIR",
+        help="check a repository before publishing it: every version complete, its files' sizes "
+        "and SHA-256 as its metadata records, class list, labels and config consistent; exit 1 "
+        "naming each version that is not, and why",
+    )
+    p.add_argument(
         "--ensure",
         action="store_true",
         help="write nothing when the newest servable version of every model came from this "
@@ -128,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.check is not None:
+        from ssdcore.repository import main as check
+
+        return check(["--check", str(args.check)])
     if args.retire is not None:
         return retire(args.output, args.formats, args.retire)
     formats = args.formats or list(FORMATS)
