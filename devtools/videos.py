@@ -201,3 +201,35 @@ def no_frames(path: Path, size: tuple[int, int] = (64, 48)) -> Path:
     container.start_encoding()
     container.close()
     return path
+
+
+def unknown_codec(path: Path) -> Path:
+    """A Matroska file whose video track names a codec FFmpeg does not know."""
+    plain_clip(path, (64, 48), 5, codec="mpeg4")
+    path.write_bytes(path.read_bytes().replace(b"V_MPEG4/ISO/ASP", b"V_QQQQQ/ISO/ASP"))
+    return path
+
+
+def timed_clip(
+    path: Path, times_s: list[float], fmt: str = "matroska", codec: str = "mpeg4"
+) -> Path:
+    """Frames at the given presentation times (a pause, a late start), 64x48."""
+    from fractions import Fraction
+
+    container = av.open(str(path), "w", format=fmt)
+    stream = container.add_stream(codec, rate=30)
+    stream.width, stream.height = 64, 48
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 1000)
+    rng = np.random.default_rng(0)
+    for t in times_s:
+        frame = av.VideoFrame.from_ndarray(
+            rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24"
+        )
+        frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path

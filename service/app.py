@@ -111,7 +111,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         )
         app.state.in_flight = InFlight(settings.max_in_flight, metrics)
         app.state.video_spool = VideoSpool(settings.video_dir)
-        app.state.video_slots = videos.VideoSlots(settings.max_videos, metrics)
+        app.state.video_slots = videos.VideoSlots(
+            settings.max_video_uploads, settings.max_videos, metrics
+        )
         scrape = None
         if settings.metrics_port is not None:  # /metrics on its own port, without the key
             scrape, _ = start_http_server(

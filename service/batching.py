@@ -3,7 +3,8 @@
 The rules, in the order a batch is made:
 
 - **Admission.** ``submit`` refuses a request at once (503) when the images waiting would exceed
-  ``max_queued`` (``SSD_BATCH_MAX_QUEUED_IMAGES``), or when, at the backend's measured pace, the
+  ``max_queued`` (``SSD_BATCH_MAX_QUEUED_IMAGES``; video frames are not counted: each video's
+  window bounds them), or when, at the backend's measured pace, the
   images ahead of it could not be run before its deadline: it would only time out later, after
   taking model time from requests that can still be answered.
 - **A free slot first.** Up to ``concurrency`` batches are at the backend at once (1 for the
@@ -156,10 +157,12 @@ class MicroBatcher:
                 item.future.cancel()
 
     def _admit(self, n: int, deadline: float, now: float, background: bool) -> None:
-        if self._queued + n > self.max_queued:
+        # the bound is on images: a video's frames are bounded by its window (service/video/),
+        # and counting them here would let videos fill the queue and turn images away
+        if not background and self._queued_images() + n > self.max_queued:
             self.metrics.rejected.labels("batch_queue_full").inc()
             raise QueueFull(
-                f"{self._queued} images are waiting for the model already (at most "
+                f"{self._queued_images()} images are waiting for the model already (at most "
                 f"{self.max_queued}); retry shortly"
             )
         # images wait only for images; frames for everything

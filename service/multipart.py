@@ -91,9 +91,14 @@ async def read_form(
             if state["files"] > max_files:
                 raise ApiError(400, "too_many_files", f"at most {max_files} files per request")
         part = Part(name, is_file)
-        if spool is not None and is_file:
-            if name != spool[0] or state["files"] > 1:
-                raise ApiError(400, "too_many_files", f"send one file, in the field {spool[0]!r}")
+        if spool is not None:  # a video: one file part, nothing else held in memory
+            if not is_file or name != spool[0] or state["files"] > 1:
+                raise ApiError(
+                    400,
+                    "too_many_files" if is_file else "unexpected_field",
+                    f"send one file in the field {spool[0]!r} and nothing else (parameters go "
+                    "in the query)",
+                )
             part.sink = spool[1]
         parts.append(part)
 

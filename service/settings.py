@@ -150,7 +150,19 @@ class Settings(BaseSettings):
     )
     max_video_side: int = Field(4096, ge=1, description="longest side of a video frame")
     max_videos: int = Field(
-        2, ge=1, description="videos processed at once; beyond: 503 before the upload is read"
+        2, ge=1, description="videos processed at once (once uploaded); beyond: 503"
+    )
+    max_video_uploads: int = Field(
+        4,
+        ge=1,
+        description="video uploads in progress at once, at most 2 from one client address; "
+        "beyond: 503 before the upload is read",
+    )
+    video_upload_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a video upload must be whole within this (408); SSD_MAX_VIDEO_BYTES in "
+        "it asks for 0.9 MB/s at the defaults",
     )
     video_max_fps: float = Field(
         30.0,

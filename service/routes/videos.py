@@ -1,5 +1,6 @@
 """``POST /v1/videos``: a video file, detected, tracked and counted, answered as NDJSON."""
 
+import asyncio
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
+from service.admission import client_address, parse_networks
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.multipart import read_video_upload
@@ -26,6 +28,7 @@ from service.video.worker import DecodeWorker
 log = logging.getLogger("service")
 MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
 MAX_LINES = 16
+UPLOADS_PER_CLIENT = 2
 _BINARY = {"type": "string", "format": "binary"}
 VIDEO_BODY = {
     "required": True,
@@ -60,7 +63,7 @@ def parse_lines(text: str | None) -> tuple[Line, ...]:
             if (x1, y1) == (x2, y2):
                 raise ValueError("a line's two points must differ")
             lines.append(Line(x1, y1, x2, y2))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
     if len(lines) > MAX_LINES:
         raise ApiError(422, "invalid_parameter", f"lines: at most {MAX_LINES}")
@@ -68,29 +71,56 @@ def parse_lines(text: str | None) -> tuple[Line, ...]:
 
 
 class VideoSlots:
-    """Videos processed at once (``SSD_MAX_VIDEOS``): a place is taken before the upload is
-    read and given back when the answer ends, however it ends."""
+    """Places for videos: uploads in progress (``SSD_MAX_VIDEO_UPLOADS``, at most
+    ``UPLOADS_PER_CLIENT`` per client address) and videos being processed (``SSD_MAX_VIDEOS``).
+    A processing place is taken once the upload is whole: a slow upload holds an upload place
+    (until ``SSD_VIDEO_UPLOAD_TIMEOUT_S`` at most), never the model's."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit, self.used, self.metrics = limit, 0, metrics
+    def __init__(self, uploads: int, running: int, metrics: Metrics) -> None:
+        self.max_uploads, self.max_running, self.metrics = uploads, running, metrics
+        self.uploading: dict[str, int] = {}  # client -> uploads in progress
+        self.running = 0
+
+    @property
+    def used(self) -> int:
+        return self.running
+
+    def _busy(self, reason: str, message: str) -> ApiError:
+        self.metrics.rejected.labels(reason).inc()
+        return ApiError(503, "overloaded", message, {"Retry-After": "5"})
+
+    def begin_upload(self, client: str) -> None:
+        if sum(self.uploading.values()) >= self.max_uploads:
+            raise self._busy("video_uploads_busy", f"{self.max_uploads} videos are being "
+                             "uploaded already; retry later")  # fmt: skip
+        if self.uploading.get(client, 0) >= UPLOADS_PER_CLIENT:
+            raise self._busy("video_uploads_per_client", f"at most {UPLOADS_PER_CLIENT} "
+                             "video uploads at once from one client")  # fmt: skip
+        self.uploading[client] = self.uploading.get(client, 0) + 1
+
+    def end_upload(self, client: str) -> None:
+        self.uploading[client] -= 1
+        if not self.uploading[client]:
+            del self.uploading[client]
 
     def take(self) -> None:
-        if self.used >= self.limit:
-            self.metrics.rejected.labels("videos_busy").inc()
-            raise ApiError(
-                503,
-                "overloaded",
-                f"{self.used} videos are being processed (at most {self.limit}); retry later",
-                {"Retry-After": "5"},
-            )
-        self.used += 1
+        if self.running >= self.max_running:
+            raise self._busy("videos_busy", f"{self.running} videos are being processed (at "
+                             f"most {self.max_running}); retry later")  # fmt: skip
+        self.running += 1
 
     def give_back(self) -> None:
-        self.used -= 1
+        self.running -= 1
 
 
 def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     api = APIRouter(dependencies=[Depends(auth)])
+    trusted = parse_networks(settings.trusted_proxies)
+
+    def client_of(request: Request) -> str:
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), trusted)
+
     limits = VideoLimits(
         settings.max_video_pixels, settings.max_video_side, settings.max_video_seconds
     )
@@ -146,20 +176,39 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             parse_lines(lines),
         )
         slots: VideoSlots = request.app.state.video_slots
-        slots.take()
+        client = client_of(request)
+        slots.begin_upload(client)
         path = request.app.state.video_spool.new_file()
-        worker = None
+        worker, running = None, False
         try:
             try:
-                size = await read_video_upload(request, path, MEDIA_TYPES)
+                async with asyncio.timeout(settings.video_upload_timeout_s):
+                    size = await read_video_upload(request, path, MEDIA_TYPES)
             except ClientDisconnect:
                 raise client_gone_mid_upload(request, metrics) from None
+            except TimeoutError:
+                metrics.rejected.labels("video_upload_timeout").inc()
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the video did not arrive within {settings.video_upload_timeout_s:g} s",
+                    {"Connection": "close"},
+                ) from None
+            finally:
+                slots.end_upload(client)
+            slots.take()
+            running = True
             worker = await DecodeWorker.start(path, params.fps, limits)
             try:  # the header and the first frame: an unusable video is a 4xx, not a line
-                video = await worker.info()
-                first = await worker.next()
+                async with asyncio.timeout(settings.request_timeout_s):
+                    video = await worker.info()
+                    first = await worker.next()
                 if first is None:
                     raise VideoError(400, "no_frames", "the video stream has no frame")
+            except TimeoutError:
+                raise ApiError(
+                    504, "backend_timeout", "the video's first frame took too long to decode"
+                ) from None
             except VideoError as exc:
                 metrics.rejected.labels(exc.code).inc()
                 raise ApiError(exc.status, exc.code, exc.message) from None
@@ -177,9 +226,10 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             run = VideoRun(pipe, worker, video, params, window, request.state.request_id, first)
         except BaseException:
             if worker is not None:
-                await worker.close()
+                worker.kill()
             path.unlink(missing_ok=True)
-            slots.give_back()
+            if running:
+                slots.give_back()
             raise
 
         done = False

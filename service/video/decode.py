@@ -71,6 +71,8 @@ def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoI
     if not container.streams.video:
         raise VideoError(400, "no_video_stream", "the file has no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec this FFmpeg does not know
+        raise VideoError(415, "unsupported_codec", "the video's codec cannot be decoded here")
     width, height = stream.codec_context.width, stream.codec_context.height
     if width <= 0 or height <= 0:
         raise VideoError(400, "invalid_video", "the video stream declares no frame size")
@@ -86,6 +88,12 @@ def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoI
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         duration = container.duration / av.time_base
+        # Matroska's counts from time 0, not from the first frame (a clip cut from a recording
+        # may start at 1000 s); where taking the start off leaves a length, that is the length
+        # (an underestimate at worst: every frame's time is checked against the limit too)
+        start = (container.start_time or 0) / av.time_base
+        if 0 < start < duration:
+            duration -= start
     if duration > limits.max_seconds:
         raise VideoError(
             413,
@@ -125,13 +133,26 @@ def frames(
     stream.codec_context.thread_count = threads
     width, height = stream.codec_context.width, stream.codec_context.height
     step = 1.0 / fps if fps else 0.0
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    # AVI has no presentation times (FFmpeg's are out of order with B-frames): frames are timed
+    # by their index there, and wherever times stop increasing
+    by_index = container.format.name == "avi"
+    start = last = None
     next_t = None
     index = -1
     try:
         for frame in container.decode(stream):
             index += 1
             progress.decoded = index + 1
-            t = float(frame.time) if frame.time is not None else index * (step or 0.04)
+            if frame.time is None or by_index:
+                t = index / rate
+            else:
+                t = float(frame.time)
+                start = t if start is None else start
+                t -= start  # from the stream's first frame (some start at 1000 s)
+                if last is not None and t <= last:
+                    by_index, t = True, index / rate
+            last = t
             if t > limits.max_seconds:
                 raise VideoError(
                     413, "video_too_long", f"a frame at {t:.1f} s: at most {limits.max_seconds:g} s"
@@ -144,7 +165,9 @@ def frames(
                 )
             if next_t is not None and t < next_t - 1e-6:
                 continue
-            next_t = (t if next_t is None else max(next_t, t - step)) + step
+            # on the grid of steps while frames come regularly; after a gap, a step after this one
+            on_grid = next_t is not None and t < next_t + step / 2
+            next_t = next_t + step if on_grid else t + step
             pixels = frame.reformat(
                 width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
             ).to_ndarray()

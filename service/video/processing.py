@@ -98,7 +98,11 @@ class VideoRun:
         pending: collections.deque[tuple[Frame, asyncio.Future]] = collections.deque()
         stages = _Stages()
         tracker = (
-            Tracker(self.rate, self.params.detect.postprocess.score_threshold)
+            Tracker(
+                self.rate,
+                self.params.detect.postprocess.score_threshold,
+                span=max(self.video.width, self.video.height),
+            )
             if self.params.track
             else None
         )

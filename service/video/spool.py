@@ -29,8 +29,12 @@ class VideoSpool:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"gateway-{uuid.uuid4().hex[:12]}"
         self._lock_path = self.root / f"{name}.lock"
-        self._lock = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        # locked before it has its name: another gateway starting at the same moment never
+        # finds it unlocked (and removes it) between its creation and the flock
+        pending = self.root / f".pending-{name}.lock"
+        self._lock = os.open(pending, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        os.rename(pending, self._lock_path)
         self.folder = self.root / name
         self.folder.mkdir(mode=0o700)
         self.removed_at_start = self._remove_abandoned()

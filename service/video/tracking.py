@@ -33,7 +33,7 @@ LOST_TRACK_S = 2.0
 # 2 people at 0.9, 4 at 0.8). A new track is still confirmed only at IoU > 0.3 with its first
 # box (ByteTrack's rule): at 5 fps the scene's walking person (36 px a frame) is never tracked.
 MATCH_COST = 0.9
-CLASS_OFFSET = 1e6  # pixels between two classes' boxes in the tracker's plane
+CLASS_GRID = 32  # classes per row of cells in the tracker's plane (see Tracker.update)
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ def _detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> sv
 class Tracker:
     """Track ids for the detections of consecutive frames (of one video or stream)."""
 
-    def __init__(self, frame_rate: float, activation_threshold: float) -> None:
+    def __init__(self, frame_rate: float, activation_threshold: float, span: int = 4096) -> None:
+        """``span``: the frame's longest side in pixels (boxes lie within it)."""
         self.frame_rate = max(1.0, frame_rate)
+        self.cell = 2.0 * max(1, span)  # the classes' boxes a cell apart
         with warnings.catch_warnings():  # ByteTrack's "moves to trackers" notice
             warnings.simplefilter("ignore")
             self._tracker = sv.ByteTrack(
@@ -74,14 +76,17 @@ class Tracker:
         track id of each detection (N,), -1 where none (a new object's first frame is tracked
         from the next one, as ByteTrack confirms a track).
 
-        One ByteTrack for every class: each class's boxes are moved CLASS_OFFSET pixels apart
-        along x (as batched NMS does), so boxes of two classes never overlap and a track never
-        changes class, at the cost of one tracker update a frame (a tracker per class cost
-        8-30 % of a video's time with a model that finds many classes)."""
+        One ByteTrack for every class: each class's boxes are moved to a cell of their own on a
+        grid of CLASS_GRID columns (as batched NMS does), so boxes of two classes never overlap
+        and a track never changes class, at the cost of one tracker update a frame (a tracker
+        per class cost 8-30 % of a video's time with a model that finds many classes). The grid
+        keeps coordinates small: ByteTrack computes in float32 (24-bit mantissa), and with the
+        classes side by side on one line a 6-pixel object of class 80 lost its track."""
         labels = np.asarray(labels, dtype=np.int64)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         shift = np.zeros_like(boxes)
-        shift[:, [0, 2]] = labels[:, None] * CLASS_OFFSET
+        shift[:, [0, 2]] = (labels % CLASS_GRID)[:, None] * self.cell
+        shift[:, [1, 3]] = (labels // CLASS_GRID)[:, None] * self.cell
         tracked = self._tracker.update_with_detections(
             sv.Detections(
                 xyxy=boxes + shift,

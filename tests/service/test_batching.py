@@ -241,6 +241,27 @@ def test_images_go_before_the_frames_of_videos():
     assert waited < 0.02 + 0.02 + 0.03, waited
 
 
+def test_video_frames_never_fill_the_queue_for_images():
+    """The queue's bound is on images: frames beyond it (each video's window bounds them) never
+    turn an image away."""
+
+    async def main():
+        backend = StandIn(seconds=lambda n: 0.02 * n)
+        b = batcher(backend, max_size=4, max_queued=8)
+        now = time.perf_counter()
+        frames = [
+            asyncio.create_task(b.submit([image(1000 + i)], now + 30, background=True))
+            for i in range(12)
+        ]
+        await asyncio.sleep(0.005)
+        images = await b.submit([image(i) for i in range(8)], now + 30)  # the whole bound
+        assert tags_answered(images) == list(range(8))
+        await asyncio.gather(*frames)
+        await b.close()
+
+    run(main())
+
+
 def test_frames_ride_along_with_an_image_where_batches_are_cheap():
     """On a GPU-like backend (a call of 4 costs little more than one) the image's call is
     filled with frames: they cost the image nothing."""

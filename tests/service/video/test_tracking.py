@@ -101,3 +101,20 @@ def test_direction_names():
         boxes = np.array([[45, y - 5, 55, y + 5], [145, 200 - y - 5, 155, 200 - y + 5]], float)
         counter.update(boxes, labels, ids)
     assert counter.counts() == [{"in": {3: 1}, "out": {1: 1}}]
+
+
+@pytest.mark.parametrize("label", [1, 37, 80, 1000])
+def test_a_small_object_of_any_class_keeps_one_id(label):
+    """The classes' boxes are moved apart in the tracker's plane: a few pixels must survive it
+    (ByteTrack computes in float32; a 6-pixel object of class 80 once lost its track)."""
+    tracker = Tracker(frame_rate=25, activation_threshold=0.3, span=1920)
+    rng = np.random.default_rng(label)
+    ids = set()
+    for f in range(40):
+        x, y = 900 + 1.5 * f, 500 + rng.normal(0, 0.2)
+        box = np.array([[x, y, x + 6, y + 6]])
+        (track,) = tracker.update(box, np.array([0.9]), np.array([label]))
+        if f > 0:
+            assert track >= 0, f
+            ids.add(int(track))
+    assert len(ids) == 1, ids

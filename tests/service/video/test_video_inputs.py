@@ -4,9 +4,11 @@ request; the service keeps serving images throughout."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import psutil
 import pytest
 
 from devtools.images import encode, photo
-from devtools.videos import audio_only, no_frames, plain_clip
+from devtools.videos import audio_only, no_frames, plain_clip, timed_clip, unknown_codec
 from service.settings import Settings
 from service.video.spool import VideoSpool
 from tests.service.conftest import LiveService, run_service
@@ -48,6 +50,12 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         "too_long": plain_clip(d / "long.mp4", (64, 48), 120, fps=1),
         "long": plain_clip(d / "stream.mp4", (96, 64), 1500),
         "jpeg": _write(d / "photo.mp4", encode(photo(64, 48))),
+        "unknown_codec": unknown_codec(d / "unknown.mkv"),
+        "b_frames_avi": plain_clip(d / "b.avi", (96, 64), 50),  # x264's B-frames, in AVI
+        "late_start": timed_clip(d / "late.mkv", [1000 + i / 25 for i in range(50)]),
+        "pause": timed_clip(
+            d / "pause.mkv", [i / 30 for i in range(61)] + [3.5 + i / 30 for i in range(60)]
+        ),
     }
 
 
@@ -116,6 +124,7 @@ def assert_still_serving(live: LiveService) -> None:
         ("empty", 400, None),
         ("huge_frames", 413, "video_too_large"),
         ("too_long", 413, "video_too_long"),
+        ("unknown_codec", 415, "unsupported_codec"),
     ],
 )
 def test_a_bad_video_is_a_clear_client_error(live, clips, name, status, code):
@@ -163,7 +172,13 @@ def test_limits_of_the_request(live, clips):
             "/v1/videos", content=clips["good"].read_bytes(), headers={"content-type": "video/mp4"}
         )
         assert raw.status_code == 200, raw.text
-        for bad in ("1,2,3", "0,0,0,0", "[[1,2,3,4,5]]", "nan,1,2,3"):
+        form = c.post(
+            "/v1/videos",
+            files={"video": ("a.mp4", clips["good"].read_bytes())},
+            data={"note": "x" * 1000},
+        )
+        assert form.status_code == 400 and form.json()["error"]["code"] == "unexpected_field"
+        for bad in ("1,2,3", "0,0,0,0", "[[1,2,3,4,5]]", "nan,1,2,3", "[" * 1500 + "]" * 1500):
             r = c.post("/v1/videos", params={"lines": bad}, files={"video": ("a.mp4", b"1")})
             assert r.status_code == 422, (bad, r.text)
     assert_still_serving(live)
@@ -184,7 +199,8 @@ def test_a_client_gone_mid_answer_stops_the_work(live, clips):
         c.stream("POST", "/v1/videos", files={"video": ("s.mp4", clips["long"].read_bytes())}) as r,
     ):
         assert r.status_code == 200
-        _first_line(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response
+        _first_line(lines)
         assert workers(), "the worker runs while the video is answered"
     left = time.monotonic()
     deadline = left + 5
@@ -253,3 +269,65 @@ def test_what_a_dead_gateway_left_is_removed_at_start(tmp_path):
         other.close()
         live_one.close()
     assert not kept.exists()
+
+
+def answer(live: LiveService, path: Path, **params) -> tuple[list[dict], dict]:
+    r = post(live, path, **params)
+    assert r.status_code == 200, r.text
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    assert "summary" in lines[-1], lines[-1]
+    return lines[:-1], lines[-1]["summary"]
+
+
+def test_frame_times_that_are_not_plain(live, clips):
+    """AVI carries no presentation times (FFmpeg's come out of order with B-frames): timed by
+    index; a clip whose times start at 1000 s: from 0, not refused as too long; a pause in a
+    variable-rate clip: never two sampled frames closer than 0.8 of a step after it."""
+    frames, summary = answer(live, clips["b_frames_avi"])
+    assert summary["frames_decoded"] == summary["frames_processed"] == 50
+    assert [f["pts_s"] for f in frames] == pytest.approx([i / 25 for i in range(50)])
+    frames, summary = answer(live, clips["late_start"])
+    assert summary["frames_processed"] == 50 and frames[0]["pts_s"] == 0.0
+    assert summary["duration_s"] < 3
+    for fps in (1, 2, 10):
+        frames, _ = answer(live, clips["pause"], fps=fps)
+        pts = [f["pts_s"] for f in frames]
+        gaps = [b - a for a, b in itertools.pairwise(pts)]
+        assert min(gaps) >= 0.8 / fps, (fps, pts)
+    assert_still_serving(live)
+
+
+def _trickle(port: int, address: str = "127.0.0.1") -> socket.socket:
+    """A video upload that declares 10 MB and sends its first bytes only."""
+    sock = socket.create_connection((address, port))
+    sock.sendall(
+        b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+        b"Content-Length: 10000000\r\n\r\n" + b"\0" * 1000
+    )
+    return sock
+
+
+def test_slow_uploads_never_hold_the_model(live, clips):
+    """Two uploads from one client that never finish: a third from it is refused (2 a client),
+    and a video from elsewhere is processed meanwhile (SSD_MAX_VIDEOS=1 here: the places for
+    processing are taken once an upload is whole)."""
+    port = int(live.url.rsplit(":", 1)[1])
+    slow = [_trickle(port) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        third = post(live, clips["good"])
+        assert third.status_code == 503, third.text
+        # another client (uvicorn takes X-Forwarded-For from a proxy on 127.0.0.1): processed
+        with httpx.Client(timeout=60, headers={"X-Forwarded-For": "10.0.0.9"}) as c:
+            r = c.post(live.url + "/v1/videos", content=clips["good"].read_bytes(),
+                       headers={"content-type": "video/mp4"})  # fmt: skip
+        assert r.status_code == 200, r.text[:300]
+        assert json.loads(r.text.splitlines()[-1])["summary"]["frames_processed"] == 10
+    finally:
+        for sock in slow:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and post(live, clips["good"]).status_code != 200:
+        time.sleep(0.2)
+    assert post(live, clips["good"]).status_code == 200
+    assert_still_serving(live)
