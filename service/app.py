@@ -110,7 +110,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             dct_scaling=settings.jpeg_dct_scaling,
         )
         app.state.in_flight = InFlight(settings.max_in_flight, metrics)
-        app.state.video_spool = VideoSpool(settings.video_dir)
+        try:
+            app.state.video_spool = VideoSpool(settings.video_dir)
+        except OSError as exc:  # images are served all the same; videos say why they are not
+            log.error("videos are not available: SSD_VIDEO_DIR cannot be written (%s)", exc)
+            app.state.video_spool = None
         app.state.video_slots = videos.VideoSlots(
             settings.max_video_uploads, settings.max_videos, metrics
         )
@@ -128,7 +132,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 scrape.server_close()
             await follower.close()
             await batcher.close()
-            app.state.video_spool.close()
+            if app.state.video_spool is not None:
+                app.state.video_spool.close()
             pool.shutdown(wait=True)
             await be.close()
 

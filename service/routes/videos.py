@@ -175,10 +175,18 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             track,
             parse_lines(lines),
         )
+        spool = request.app.state.video_spool
+        if spool is None:
+            raise ApiError(
+                503,
+                "videos_unavailable",
+                "videos are not available here: the gateway cannot write SSD_VIDEO_DIR (its log "
+                "says why)",
+            )
         slots: VideoSlots = request.app.state.video_slots
         client = client_of(request)
         slots.begin_upload(client)
-        path = request.app.state.video_spool.new_file()
+        path = spool.new_file()
         worker, running = None, False
         try:
             try:

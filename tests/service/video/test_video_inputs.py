@@ -331,3 +331,21 @@ def test_slow_uploads_never_hold_the_model(live, clips):
         time.sleep(0.2)
     assert post(live, clips["good"]).status_code == 200
     assert_still_serving(live)
+
+
+def test_an_unwritable_video_folder_leaves_images_served(model_repo, tmp_path, clips):
+    """SSD_VIDEO_DIR that cannot be made (here: under a file; a read-only root in a container
+    without its volume): the gateway starts, images are answered, videos get a clear 503."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = Settings(
+        model_repository=model_repo, model_name="ssd300_onnx", video_dir=blocker / "videos"
+    )
+    with run_service(settings) as service:
+        with service.client() as c:
+            image = c.post(
+                "/v1/detect", content=encode(photo(64, 48)), headers={"content-type": "image/jpeg"}
+            )
+            assert image.status_code == 200, image.text
+        r = post(service, clips["good"])
+        assert r.status_code == 503 and r.json()["error"]["code"] == "videos_unavailable", r.text
