@@ -6,6 +6,7 @@ COCO-format training set of still frames of the same scene (the model the video 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,28 @@ def render(movers: tuple[Mover, ...], frame: int, bg: Image.Image) -> Image.Imag
     return img
 
 
+def _video_stream(
+    path: Path, codec: str, rate: int, size: tuple[int, int], fmt: str | None = None
+) -> tuple[av.container.OutputContainer, av.video.stream.VideoStream]:
+    """A file to write and its video stream (4:2:0; ``fmt``: the container, else from the
+    file's suffix)."""
+    container = av.open(str(path), "w", format=fmt)
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    return container, stream
+
+
+def _encode_all(container: av.container.OutputContainer, stream, frames: Iterable) -> None:
+    """Every frame encoded and muxed, the encoder flushed, the file closed."""
+    for frame in frames:
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
 def write_clip(
     path: Path,
     movers: tuple[Mover, ...] = TEST_SCENE,
@@ -93,18 +116,13 @@ def write_clip(
     """Encodes the scene; returns per frame the visible objects (mover index, coco id, box)."""
     bg = background(seed, size)
     truth = []
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    for f in range(frames):
-        img = render(movers, f, bg)
-        truth.append([(i, m.coco_id, m.box(f)) for i, m in enumerate(movers) if m.box(f)])
-        for packet in stream.encode(av.VideoFrame.from_image(img)):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+
+    def pictures() -> Iterator[av.VideoFrame]:
+        for f in range(frames):
+            truth.append([(i, m.coco_id, m.box(f)) for i, m in enumerate(movers) if m.box(f)])
+            yield av.VideoFrame.from_image(render(movers, f, bg))
+
+    _encode_all(*_video_stream(path, codec, fps, size), pictures())
     return truth
 
 
@@ -158,17 +176,11 @@ def plain_clip(
     """A clip of moving noise of any size and length (limits, load)."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (size[1], size[0] + frames, 3), dtype=np.uint8)
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    for f in range(frames):
-        arr = np.ascontiguousarray(base[:, f : f + size[0]])
-        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    pictures = (
+        av.VideoFrame.from_ndarray(np.ascontiguousarray(base[:, f : f + size[0]]), format="rgb24")
+        for f in range(frames)
+    )
+    _encode_all(*_video_stream(path, codec, fps, size), pictures)
     return path
 
 
@@ -178,26 +190,23 @@ def audio_only(path: Path, seconds: float = 1.0) -> Path:
     stream = container.add_stream("aac", rate=44100)
     samples = int(44100 * seconds)
     tone = (np.sin(np.arange(samples) * 0.05) * 0.3).astype(np.float32)[None, :]
-    for start in range(0, samples, 1024):
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp", layout="mono"
-        )
-        frame.sample_rate = 44100
-        frame.pts = start
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+
+    def pieces() -> Iterator[av.AudioFrame]:
+        for start in range(0, samples, 1024):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp", layout="mono"
+            )
+            frame.sample_rate = 44100
+            frame.pts = start
+            yield frame
+
+    _encode_all(container, stream, pieces())
     return path
 
 
 def no_frames(path: Path, size: tuple[int, int] = (64, 48)) -> Path:
     """A Matroska file with a video stream declared and no frame in it."""
-    container = av.open(str(path), "w", format="matroska")
-    stream = container.add_stream("mpeg4", rate=25)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
+    container, _ = _video_stream(path, "mpeg4", 25, size, "matroska")
     container.start_encoding()
     container.close()
     return path
@@ -216,20 +225,17 @@ def timed_clip(
     """Frames at the given presentation times (a pause, a late start), 64x48."""
     from fractions import Fraction
 
-    container = av.open(str(path), "w", format=fmt)
-    stream = container.add_stream(codec, rate=30)
-    stream.width, stream.height = 64, 48
-    stream.pix_fmt = "yuv420p"
+    container, stream = _video_stream(path, codec, 30, (64, 48), fmt)
     stream.codec_context.time_base = Fraction(1, 1000)
     rng = np.random.default_rng(0)
-    for t in times_s:
-        frame = av.VideoFrame.from_ndarray(
-            rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24"
-        )
-        frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+
+    def pictures() -> Iterator[av.VideoFrame]:
+        for t in times_s:
+            frame = av.VideoFrame.from_ndarray(
+                rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24"
+            )
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            yield frame
+
+    _encode_all(container, stream, pictures())
     return path

@@ -159,14 +159,14 @@ class MicroBatcher:
     def _admit(self, n: int, deadline: float, now: float, background: bool) -> None:
         # the bound is on images: a video's frames are bounded by its window (service/video/),
         # and counting them here would let videos fill the queue and turn images away
-        if not background and self._queued_images() + n > self.max_queued:
-            self.metrics.rejected.labels("batch_queue_full").inc()
-            raise QueueFull(
-                f"{self._queued_images()} images are waiting for the model already (at most "
-                f"{self.max_queued}); retry shortly"
-            )
         # images wait only for images; frames for everything
         ahead = self._queued if background else self._queued_images()
+        if not background and ahead + n > self.max_queued:
+            self.metrics.rejected.labels("batch_queue_full").inc()
+            raise QueueFull(
+                f"{ahead} images are waiting for the model already (at most "
+                f"{self.max_queued}); retry shortly"
+            )
         if ahead or len(self._busy_until) >= self.concurrency:
             # a slot, then the calls that run what waits ahead and this request's images
             full, rest = divmod(ahead + n, self.max_size)

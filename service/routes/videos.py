@@ -81,10 +81,6 @@ class VideoSlots:
         self.uploading: dict[str, int] = {}  # client -> uploads in progress
         self.running = 0
 
-    @property
-    def used(self) -> int:
-        return self.running
-
     def _busy(self, reason: str, message: str) -> ApiError:
         self.metrics.rejected.labels(reason).inc()
         return ApiError(503, "overloaded", message, {"Retry-After": "5"})

@@ -31,7 +31,6 @@ from ssdcore.spec import SSD300
 SIZE = SSD300.image_size
 # recognised container -> FFmpeg's demuxer; the media types a raw body may name
 CONTAINERS = {"mp4": "mov", "matroska": "matroska", "avi": "avi"}
-MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
 OPEN_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0"}
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 
@@ -45,6 +44,11 @@ def container_of(head: bytes) -> str | None:
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "avi"
     return None
+
+
+def stream_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """The frames per second a stream declares, or FFmpeg's guess (None: neither)."""
+    return stream.average_rate or stream.guessed_rate
 
 
 def open_video(path: Path) -> av.container.InputContainer:
@@ -100,7 +104,7 @@ def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoI
             "video_too_long",
             f"the video lasts {duration:.1f} s; at most {limits.max_seconds:g} s",
         )
-    rate = stream.average_rate or stream.guessed_rate or Fraction(0)
+    rate = stream_rate(stream) or Fraction(0)
     return VideoInfo(
         container=container.format.name,
         codec=stream.codec_context.name,
@@ -133,7 +137,7 @@ def frames(
     stream.codec_context.thread_count = threads
     width, height = stream.codec_context.width, stream.codec_context.height
     step = 1.0 / fps if fps else 0.0
-    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    rate = float(stream_rate(stream) or 25)
     # AVI has no presentation times (FFmpeg's are out of order with B-frames): frames are timed
     # by their index there, and wherever times stop increasing
     by_index = container.format.name == "avi"
@@ -195,7 +199,7 @@ def pictures(path: Path) -> Iterator[tuple[float, Image.Image]]:
 def frame_rate(path: Path) -> Fraction:
     with open_video(path) as container:
         stream = container.streams.video[0]
-        return stream.average_rate or stream.guessed_rate or Fraction(25)
+        return stream_rate(stream) or Fraction(25)
 
 
 class VideoWriter:

@@ -148,8 +148,7 @@ class VideoRun:
                 last_pts = frame.pts_s
                 yield ndjson(line)
         except (VideoError, ApiError) as exc:
-            status = getattr(exc, "status", 500)
-            yield error_line(status, exc.code, exc.message, self.request_id)
+            yield error_line(exc.status, exc.code, exc.message, self.request_id)
             return
         finally:  # no await here: a client that went away cancels every await that follows
             for _, future in pending:

@@ -44,14 +44,6 @@ class Line:
     y2: float
 
 
-def _detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> sv.Detections:
-    return sv.Detections(
-        xyxy=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        confidence=np.asarray(scores, dtype=np.float32),
-        class_id=np.asarray(labels, dtype=np.int64),
-    )
-
-
 class Tracker:
     """Track ids for the detections of consecutive frames (of one video or stream)."""
 

@@ -59,10 +59,6 @@ class DecodeWorker:
         )
         return cls(process)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     async def _message(self) -> tuple[bytes, bytes]:
         assert self.process.stdout is not None
         try:
@@ -113,11 +109,6 @@ class DecodeWorker:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
-
-    async def close(self) -> None:
-        """Stops the worker if it still runs and waits for it to end."""
-        self.kill()
-        await self.process.wait()
 
 
 def main(argv: list[str]) -> int:
