@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from service.errors import ApiError
-from ssdcore.imaging import model_input, sniffed_format
+from ssdcore.imaging import model_input, sniffed_format, tiled_inputs
 from ssdcore.spec import SSD300
+from ssdcore.tiling import TilePlan
+
+T = TypeVar("T")
 
 # Pillow registers plugins lazily; ours are these three, nothing else is ever opened.
 ALLOWED = ("JPEG", "PNG", "WEBP")
@@ -100,6 +105,44 @@ def decode_image(
 
     ``dct_scaling``: decode JPEGs at a reduced scale (1/2 .. 1/8) that still covers ``size``.
     """
+
+    def convert(img: Image.Image, fmt: str) -> DecodedImage:
+        return DecodedImage(*model_input(img, fmt == "JPEG", size, dct_scaling))
+
+    return _guarded(data, limits, convert)
+
+
+@dataclass(frozen=True)
+class TiledImage:
+    """pixels: the model's input for each tile of ``plan`` (row by row), then the whole image
+    where the plan runs it; width/height: of the displayed (EXIF-oriented) image."""
+
+    pixels: list[np.ndarray]
+    width: int
+    height: int
+    plan: TilePlan
+
+
+def decode_tiled(
+    data: bytes,
+    limits: ImageLimits,
+    plan_for: Callable[[int, int], TilePlan],
+    size: int = SSD300.image_size,
+    dct_scaling: bool = True,
+) -> TiledImage:
+    """Untrusted bytes -> the model's inputs for the tiles ``plan_for(width, height)`` makes
+    of the displayed image (ssdcore.imaging.tiled_inputs), with the same checks as
+    ``decode_image``."""
+
+    def convert(img: Image.Image, fmt: str) -> TiledImage:
+        return TiledImage(*tiled_inputs(img, fmt == "JPEG", size, plan_for, dct_scaling))
+
+    return _guarded(data, limits, convert)
+
+
+def _guarded(data: bytes, limits: ImageLimits, convert: Callable[[Image.Image, str], T]) -> T:
+    """Sniffs, opens and size-checks untrusted bytes, then ``convert(image, format)``; every
+    failure a 400 ApiError."""
     if not data:
         raise ApiError(400, "empty_file", "the image is empty")
     fmt = sniff(data)
@@ -109,7 +152,7 @@ def decode_image(
             img = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
             _check_size(width, height, limits)
-            pixels, width, height = model_input(img, fmt == "JPEG", size, dct_scaling)
+            return convert(img, fmt)
         except ApiError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -118,4 +161,3 @@ def decode_image(
             raise ApiError(
                 400, "invalid_image", f"the {fmt} image could not be decoded: {exc}"
             ) from None
-    return DecodedImage(pixels, width, height)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -12,22 +13,60 @@ import numpy as np
 from service.backends import Backend, BackendTimeout, BackendUnavailable, ModelInfo
 from service.batching import BatchResult, MicroBatcher
 from service.errors import ApiError
-from service.imaging import DecodedImage, ImageLimits, decode_image
+from service.imaging import DecodedImage, ImageLimits, TiledImage, decode_image, decode_tiled
 from service.metrics import Metrics
+from ssdcore import tiling
 from ssdcore.labels import ClassList
-from ssdcore.postprocess import postprocess
+from ssdcore.postprocess import Detections, postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS, Postprocess
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """A request's tiles (ssdcore/tiling.py): a grid of ``grid`` = (columns, rows), or auto
+    (None: tiles of side at most ``size`` pixels, as many as the request's budget allows);
+    neighbours overlapping by ``overlap``; the whole image run too where ``whole``; boxes found
+    twice merged by ``merge`` ("nmm" or "nms")."""
+
+    grid: tuple[int, int] | None
+    size: int
+    overlap: float
+    whole: bool = True
+    merge: str = "nmm"
+
+    def runs_per_image(self) -> int | None:
+        """Model runs per image of a grid (at most: a grid finer than the image's pixels
+        shrinks); None for auto, which fits the budget."""
+        if self.grid is None:
+            return None
+        return self.grid[0] * self.grid[1] + (1 if self.whole else 0)
+
+    def planner(self, max_runs: int) -> Callable[[int, int], tiling.TilePlan]:
+        def plan_for(width: int, height: int) -> tiling.TilePlan:
+            if self.grid is None:
+                return tiling.auto_plan(
+                    width, height, self.size, self.overlap, max_runs, self.whole
+                )
+            cols, rows = self.grid
+            return tiling.grid_plan(width, height, cols, rows, self.overlap, self.whole)
+
+        return plan_for
+
+
+# the overlap (intersection over the smaller box) at which two tiles' boxes are one object
+TILE_MATCH_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
 class DetectParams:
     """A request's parameters: the postprocess's (the contract's type, with the request's
-    thresholds and cap) and the classes it keeps."""
+    thresholds and cap), the classes it keeps, its tiles."""
 
     postprocess: Postprocess
     # class names or category ids to keep (None: all), resolved against the class list of the
     # version that answers (ClassList.resolve_filter)
     classes: tuple[str, ...] | None = None
+    tiling: Tiling | None = None  # None: each image run whole, once
 
     @classmethod
     def of(
@@ -36,6 +75,7 @@ class DetectParams:
         iou_threshold: float,
         max_detections: int,
         classes: tuple[str, ...] | None = None,
+        tiling: Tiling | None = None,
     ) -> DetectParams:
         """The reference's per-class top-K with a request's thresholds and cap."""
         pp = replace(
@@ -44,7 +84,7 @@ class DetectParams:
             iou_threshold=iou_threshold,
             max_detections=max_detections,
         )
-        return cls(pp, classes)
+        return cls(pp, classes, tiling)
 
     def allowed(self, classes: ClassList) -> frozenset[int] | None:
         if self.classes is None:
@@ -67,6 +107,19 @@ class Pipeline:
     timeout_s: float
     metrics: Metrics
     dct_scaling: bool = True
+    max_tiles: int = 64  # model runs a tiled request may cause
+
+    def check_tiles(self, params: DetectParams, images: int = 1) -> None:
+        """422 where a tile grid asks for more model runs than a request may cause."""
+        per_image = params.tiling.runs_per_image() if params.tiling is not None else None
+        if per_image is not None and per_image * images > self.max_tiles:
+            raise ApiError(
+                422,
+                "too_many_tiles",
+                f"{images} image(s) of {per_image} model runs each (tiles and the whole "
+                f"image) exceed the limit of {self.max_tiles} per request; ask for a coarser "
+                "grid or tiles=auto",
+            )
 
     async def detect(self, uploads: list[bytes], params: DetectParams) -> dict:
         """One request, from image bytes to the response body; every image of it is answered
@@ -77,9 +130,10 @@ class Pipeline:
             pinned = pin.info if pin is not None else self.backend.info
             params.allowed(pinned.classes)  # an unknown class: 422 before any work
             async with asyncio.timeout(self.timeout_s):
-                images = await self._decode(uploads)
+                self.check_tiles(params, len(uploads))
+                images = await self._decode(uploads, params.tiling)
                 t_decoded = time.perf_counter()
-                results = await self._infer([im.pixels for im in images], t0, pin)
+                results = await self._infer([p for im in images for p in _inputs(im)], t0, pin)
                 t_inferred = time.perf_counter()
                 # the version that answered: the pinned one, or the one Triton names
                 info = (
@@ -107,6 +161,8 @@ class Pipeline:
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         self.metrics.images.inc(len(images))
+        if params.tiling is not None:
+            body["model_runs"] = len(results)
         body["timings_ms"] = {k: round(v * 1e3, 3) for k, v in timings.items()}
         return body
 
@@ -121,9 +177,17 @@ class Pipeline:
                 return results
         raise BackendUnavailable("the model version changed during the request; retry it")
 
-    async def _decode(self, uploads: list[bytes]) -> list[DecodedImage]:
+    async def _decode(
+        self, uploads: list[bytes], tiles: Tiling | None
+    ) -> list[DecodedImage | TiledImage]:
         loop = asyncio.get_running_loop()
-        tasks = [loop.run_in_executor(self.pool, self._decode_one, data) for data in uploads]
+        if tiles is None:
+            tasks = [loop.run_in_executor(self.pool, self._decode_one, d) for d in uploads]
+        else:  # auto shares the request's budget of model runs between its images
+            plan_for = tiles.planner(max(1, self.max_tiles // len(uploads)))
+            tasks = [
+                loop.run_in_executor(self.pool, self._decode_tiled, d, plan_for) for d in uploads
+            ]
         outcome = await asyncio.gather(*tasks, return_exceptions=True)
         for index, result in enumerate(outcome):
             if isinstance(result, ApiError):
@@ -137,34 +201,35 @@ class Pipeline:
     def _decode_one(self, data: bytes) -> DecodedImage:
         return decode_image(data, self.limits, dct_scaling=self.dct_scaling)
 
+    def _decode_tiled(
+        self, data: bytes, plan_for: Callable[[int, int], tiling.TilePlan]
+    ) -> TiledImage:
+        return decode_tiled(data, self.limits, plan_for, dct_scaling=self.dct_scaling)
+
     def _respond(
         self,
-        images: list[DecodedImage],
+        images: list[DecodedImage | TiledImage],
         results: list[BatchResult],
         params: DetectParams,
         info: ModelInfo,
     ) -> dict:
         allowed = params.allowed(info.classes)
         out = []
-        for index, (image, result) in enumerate(zip(images, results)):
-            c = result.candidates
-            det = postprocess(
-                c.boxes[result.row],
-                c.scores[result.row],
-                c.classes[result.row],
-                params.postprocess,
-                allowed_classes=allowed,
+        start = 0
+        for index, image in enumerate(images):
+            runs = results[start : start + len(_inputs(image))]
+            start += len(runs)
+            dets = [_detections(r, params.postprocess, allowed) for r in runs]
+            entry = {"index": index, "width": image.width, "height": image.height}
+            if isinstance(image, TiledImage):
+                det = merge_tiles(image.plan, dets, params.tiling.merge, params.postprocess)
+                entry["tiles"] = describe(image.plan)
+            else:
+                det = dets[0]
+            entry["detections"] = to_pixel_detections(
+                det.boxes, det.scores, det.classes, image.width, image.height, info.classes
             )
-            out.append(
-                {
-                    "index": index,
-                    "width": image.width,
-                    "height": image.height,
-                    "detections": to_pixel_detections(
-                        det.boxes, det.scores, det.classes, image.width, image.height, info.classes
-                    ),
-                }
-            )
+            out.append(entry)
         return {
             "model": {
                 "name": info.name,
@@ -174,6 +239,56 @@ class Pipeline:
             },
             "images": out,
         }
+
+
+def _inputs(image: DecodedImage | TiledImage) -> list[np.ndarray]:
+    """The model inputs of an image: one, or one per tile (and the whole image)."""
+    return image.pixels if isinstance(image, TiledImage) else [image.pixels]
+
+
+def _detections(
+    result: BatchResult, params: Postprocess, allowed: frozenset[int] | None
+) -> Detections:
+    c = result.candidates
+    return postprocess(
+        c.boxes[result.row],
+        c.scores[result.row],
+        c.classes[result.row],
+        params,
+        allowed_classes=allowed,
+    )
+
+
+def merge_tiles(
+    plan: tiling.TilePlan, dets: list[Detections], method: str, params: Postprocess
+) -> Detections:
+    """Each run's detections (the plan's tiles, then the whole image) -> the image's: boxes
+    mapped to the whole image, found twice merged, the request's cap applied."""
+    if plan.trivial:
+        return dets[0]
+    frames = [*plan.tiles, tiling.Tile(0, 0, plan.width, plan.height)]
+    boxes = [tiling.to_image(d.boxes, t, plan.width, plan.height) for d, t in zip(dets, frames)]
+    merged = tiling.merge(
+        np.concatenate(boxes),
+        np.concatenate([d.scores for d in dets]),
+        np.concatenate([d.classes for d in dets]),
+        TILE_MATCH_THRESHOLD,
+        method,
+    )
+    keep = slice(0, params.max_detections)
+    return Detections(merged[0][keep], merged[1][keep], merged[2][keep])
+
+
+def describe(plan: tiling.TilePlan) -> dict:
+    """What the response says of an image's tiles."""
+    first = plan.tiles[0]
+    return {
+        "grid": [plan.cols, plan.rows],
+        "count": 0 if plan.trivial else len(plan.tiles),
+        "size": [first.width, first.height],
+        "whole_image": plan.whole or plan.trivial,
+        "model_runs": plan.runs,
+    }
 
 
 def to_pixel_detections(

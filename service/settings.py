@@ -200,6 +200,29 @@ class Settings(BaseSettings):
         [], description="origins allowed by CORS (a JSON list); off by default"
     )
 
+    # tiled inference (POST /v1/detect?tiles=...; ssdcore/tiling.py)
+    max_tiles: int = Field(
+        64,
+        ge=1,
+        description="model runs (tiles and whole images) one request may cause; tiles=auto "
+        "grows its tiles to stay within it, a grid beyond it gets 422",
+    )
+    tile_size: int = Field(
+        600,
+        ge=32,
+        le=16_384,
+        description="tiles=auto's tile side in pixels: where objects look as they did in "
+        "training (a model trained on photos of about 600 px, shown at 300)",
+    )
+    tile_overlap: float = Field(
+        0.2, ge=0.0, le=0.75, description="default overlap of neighbouring tiles (of a side)"
+    )
+    tile_merge: Literal["nmm", "nms"] = Field(
+        "nmm",
+        description="how boxes found by several tiles become one: nmm merges them into their "
+        "union (an object cut by a tile border comes back whole), nms keeps the best one",
+    )
+
     # response defaults
     score_threshold: float = Field(0.3, ge=0, le=1, description="default score threshold")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="default NMS IoU threshold")
@@ -236,6 +259,11 @@ class Settings(BaseSettings):
                 "SSD_BATCH_MAX_QUEUED_IMAGES must hold a whole request and a whole batch "
                 f"(at least SSD_MAX_FILES={self.max_files} and "
                 f"SSD_BATCH_MAX_SIZE={self.batch_max_size})"
+            )
+        if self.batch_max_queued_images < self.max_tiles:
+            raise ValueError(
+                "SSD_BATCH_MAX_QUEUED_IMAGES must hold a whole tiled request (at least "
+                f"SSD_MAX_TILES={self.max_tiles})"
             )
         return self
 

@@ -9,8 +9,13 @@ size x size uint8. Untrusted-input checks (formats, sizes, bombs) are the caller
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image, ImageOps
+
+from ssdcore.tiling import TilePlan
 
 BACKGROUND = (255, 255, 255)  # where transparent pixels are composited
 _ORIENTATION_TAG = 0x0112
@@ -34,10 +39,61 @@ def model_input(
 ) -> tuple[np.ndarray, int, int]:
     """An opened (not yet loaded) image -> (pixels (size, size, 3) uint8 RGB, width, height of
     the displayed, EXIF-oriented image). Decoding errors propagate (OSError, ValueError, ...)."""
+    rgb, width, height = _oriented_rgb(img, (size, size) if jpeg and dct_scaling else None)
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), width, height
+
+
+def tiled_inputs(
+    img: Image.Image,
+    jpeg: bool,
+    size: int,
+    plan_for: Callable[[int, int], TilePlan],
+    dct_scaling: bool = True,
+) -> tuple[list[np.ndarray], int, int, TilePlan]:
+    """An opened (not yet loaded) image -> the model's input for each tile of
+    ``plan_for(width, height)`` (made on the displayed image's size), then the whole image's
+    where the plan asks for it; with the displayed width, height and the plan. A JPEG is
+    decoded at the smallest DCT scale that keeps every tile at least ``size`` pixels."""
+    stored_w, stored_h = img.size
+    turned = img.getexif().get(_ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    width, height = (stored_h, stored_w) if turned else (stored_w, stored_h)
+    plan = plan_for(width, height)
+    if plan.trivial:
+        pixels, width, height = model_input(img, jpeg, size, dct_scaling)
+        return [pixels], width, height, plan
+    smallest = min(min(t.width, t.height) for t in plan.tiles)
+    factor = min(1.0, size / smallest)
+    draft = None
+    if jpeg and dct_scaling and factor < 1.0:
+        draft = (math.ceil(stored_w * factor), math.ceil(stored_h * factor))
+    rgb, width, height = _oriented_rgb(img, draft)
+    if (width, height) != (plan.width, plan.height):  # an EXIF block that could not be applied
+        plan = plan_for(width, height)
+    sx, sy = rgb.width / width, rgb.height / height  # the decoded image's scale
+    out = [
+        rgb.resize(
+            (size, size),
+            Image.Resampling.BILINEAR,
+            box=(t.x0 * sx, t.y0 * sy, t.x1 * sx, t.y1 * sy),
+        )
+        for t in plan.tiles
+    ]
+    if plan.whole:
+        out.append(rgb.resize((size, size), Image.Resampling.BILINEAR))
+    pixels = [np.ascontiguousarray(np.asarray(tile, dtype=np.uint8)) for tile in out]
+    return pixels, width, height, plan
+
+
+def _oriented_rgb(img: Image.Image, draft: tuple[int, int] | None) -> tuple[Image.Image, int, int]:
+    """Loads an opened image (a JPEG at the DCT scale that still covers ``draft``, where
+    given), EXIF orientation applied, as RGB; with the displayed width and height (of the
+    full-size image, whatever the DCT scale)."""
     width, height = img.size
     orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-    if jpeg and dct_scaling:
-        img.draft("RGB", (size, size))  # DCT scaling: decode at 1/2, 1/4 or 1/8
+    if draft is not None:
+        img.draft("RGB", draft)  # DCT scaling: decode at 1/2, 1/4 or 1/8
     img.load()
     if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose only copies (~1.3 ms)
         try:
@@ -46,10 +102,7 @@ def model_input(
                 width, height = height, width
         except (OSError, ValueError, TypeError, KeyError):
             pass  # a broken EXIF block: keep the stored orientation
-    rgb = to_rgb(img)
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), int(width), int(height)
+    return to_rgb(img), int(width), int(height)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

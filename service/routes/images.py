@@ -1,15 +1,18 @@
 """``POST /v1/detect``: still images, one or a batch."""
 
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from service.errors import ApiError
 from service.metrics import Metrics
 from service.multipart import read_uploads
-from service.pipeline import DetectParams, Pipeline
+from service.pipeline import DetectParams, Pipeline, Tiling
 from service.routes.common import client_gone_mid_upload, pipeline, unless_disconnected
 from service.settings import Settings
 
@@ -55,6 +58,52 @@ def detect_params(settings: Settings) -> Callable[..., DetectParams]:
     return params
 
 
+_GRID = re.compile(r"(\d{1,3})x(\d{1,3})")
+
+
+def tile_params(settings: Settings) -> Callable[..., Tiling | None]:
+    """The tiling query parameters (ssdcore/tiling.py), defaults from settings."""
+
+    def params(
+        tiles: Annotated[
+            str | None,
+            Query(
+                max_length=16,
+                description="run the model on overlapping tiles for small objects: `auto` "
+                "(tiles of about tile_size pixels) or a grid COLSxROWS such as `4x3`; "
+                "unset: the whole image once",
+            ),
+        ] = None,
+        tile_size: Annotated[
+            int,
+            Query(ge=32, le=16_384, description="tiles=auto's tile side in pixels"),
+        ] = settings.tile_size,
+        tile_overlap: Annotated[
+            float,
+            Query(ge=0.0, le=0.75, description="overlap of neighbouring tiles (of a side)"),
+        ] = settings.tile_overlap,
+        tile_whole: Annotated[
+            bool, Query(description="run the whole image too (large objects)")
+        ] = True,
+    ) -> Tiling | None:
+        if tiles is None or tiles in ("", "off", "none"):
+            return None
+        if tiles == "auto":
+            grid = None
+        else:
+            match = _GRID.fullmatch(tiles)
+            if match is None or min(int(match[1]), int(match[2])) < 1:
+                raise ApiError(
+                    422,
+                    "invalid_parameter",
+                    f"tiles must be auto or a grid COLSxROWS such as 4x3, got {tiles!r}",
+                )
+            grid = (int(match[1]), int(match[2]))
+        return Tiling(grid, tile_size, tile_overlap, tile_whole, settings.tile_merge)
+
+    return params
+
+
 def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     api = APIRouter(dependencies=[Depends(auth)])
 
@@ -65,12 +114,15 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         description=(
             "Send a multipart form with one file in `image` (or several in `images`), or a raw "
             "`image/jpeg`, `image/png` or `image/webp` body. Boxes are in pixels of the displayed "
-            "(EXIF-oriented) image."
+            "(EXIF-oriented) image. With `tiles=auto` (or a grid), small objects in large "
+            "images are found on overlapping tiles; each image then says its `tiles` and the "
+            "response its `model_runs`."
         ),
         responses={
             400: {"description": "bad image"},
             413: {"description": "body too large"},
             415: {"description": "unsupported body"},
+            422: {"description": "bad parameter, or more tiles than a request may run"},
             503: {"description": "overloaded"},
             504: {"description": "deadline exceeded"},
         },
@@ -79,8 +131,11 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         request: Request,
         pipe: Annotated[Pipeline, Depends(pipeline)],
         params: Annotated[DetectParams, Depends(detect_params(settings))],
+        tiles: Annotated[Tiling | None, Depends(tile_params(settings))],
     ) -> JSONResponse:
+        params = replace(params, tiling=tiles)
         params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
+        pipe.check_tiles(params)  # a grid beyond the limit: 422 before the upload
         # uploads and inference are bounded apart: a partial upload holds bytes of the upload
         # buffer (the edge's admission, until its body deadline at most), never a model slot
         try:
