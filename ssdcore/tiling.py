@@ -67,18 +67,15 @@ class TilePlan:
 
 
 def _spans(length: int, count: int, overlap: float) -> list[tuple[int, int]]:
-    """``count`` intervals covering [0, length), of equal size, neighbours overlapping by
-    ``overlap`` of that size: size = length / (count - (count - 1) * overlap)."""
+    """``count`` intervals of one size covering [0, length), the first starting at 0 and the
+    last ending at ``length``, neighbours overlapping by ``overlap`` of that size (to a pixel
+    or two): size = length / (count - (count - 1) * overlap)."""
     if count == 1:
         return [(0, length)]
-    size = length / (count - (count - 1) * overlap)
-    step = size * (1 - overlap)
-    spans = []
-    for i in range(count):
-        start = round(i * step)
-        end = length if i == count - 1 else min(length, round(i * step + size))
-        spans.append((start, end))
-    return spans
+    size = min(length, math.ceil(length / (count - (count - 1) * overlap) - 1e-9))
+    step = (length - size) / (count - 1)
+    # a grid finer than the pixels (tiny images) would repeat a tile: each once
+    return sorted({(round(i * step), round(i * step) + size) for i in range(count)})
 
 
 def grid_plan(
@@ -90,10 +87,10 @@ def grid_plan(
         raise ValueError(f"a grid needs at least one column and row, got {cols}x{rows}")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    cols, rows = min(cols, width), min(rows, height)  # never a tile without pixels
-    xs, ys = _spans(width, cols, overlap), _spans(height, rows, overlap)
+    xs = _spans(width, min(cols, width), overlap)  # never a tile without pixels
+    ys = _spans(height, min(rows, height), overlap)
     tiles = tuple(Tile(x0, y0, x1, y1) for y0, y1 in ys for x0, x1 in xs)
-    return TilePlan(width, height, cols, rows, tiles, whole)
+    return TilePlan(width, height, len(xs), len(ys), tiles, whole)
 
 
 def count_for(length: int, tile: float, overlap: float) -> int:

@@ -1,0 +1,201 @@
+"""Tiled inference through the real service (uvicorn, the micro-batcher), golden: a backend that
+finds saturated red squares in each 300x300 input by their pixels, so the boxes every tile gives
+are known and their mapping back to the image can be checked to the pixel."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from service.backends import Candidates, ModelInfo, Refresh, VersionsState
+from service.settings import Settings
+from ssdcore.tiling import grid_plan
+from tests.service.conftest import run_service
+
+K = 16  # candidates per image
+
+
+class RedSquares:
+    """A backend that answers, for each input, the boxes of its red regions (class 1, score
+    0.9) and records how many inputs it ran: the model's outputs are then exact and known."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo("red_squares", "1", "test", K, False)
+        self.versions = VersionsState(served="1", present=["1"])
+        self.inputs = 0
+
+    async def start(self) -> None:
+        pass
+
+    def pin(self) -> object:
+        return None
+
+    def unpin(self, pin: object) -> None:
+        pass
+
+    async def infer(self, images, timeout=None, pin=None) -> Candidates:
+        n = len(images)
+        self.inputs += n
+        boxes = np.zeros((n, K, 4), np.float32)
+        scores = np.zeros((n, K), np.float32)
+        for i, img in enumerate(images):
+            red = (img[..., 0] > 160) & (img[..., 1] < 90) & (img[..., 2] < 90)
+            labels, _count = ndimage.label(red)
+            for k, found in enumerate(ndimage.find_objects(labels)[:K]):
+                ys, xs = found
+                boxes[i, k] = [xs.start / 300, ys.start / 300, xs.stop / 300, ys.stop / 300]
+                scores[i, k] = 0.9
+        return Candidates(boxes, scores, np.ones((n, K), np.int32), "1")
+
+    def info_for(self, version: str) -> ModelInfo:
+        return self.info
+
+    async def refresh(self) -> Refresh:
+        return Refresh()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+W, H = 1800, 1200
+# tiles=3x2 with overlap 0.2: tiles 693 x 667 px; columns start at 0, 554, 1107 (the first ends
+# at 693), rows at 0 and 533 (the first ends at 667)
+SQUARES = [
+    (100, 100, 124, 124),  # small, inside one tile
+    (1500, 900, 1530, 930),  # small, inside one tile
+    (650, 300, 720, 340),  # crosses the first tile's right border; whole in the second
+    (480, 580, 720, 700),  # larger than the overlap, across both borders: no tile sees it whole
+]
+
+
+def picture(squares=SQUARES) -> bytes:
+    img = Image.new("RGB", (W, H), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    for x0, y0, x1, y1 in squares:
+        d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(230, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless: the edges where they were drawn
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def live():
+    backend = RedSquares()
+    settings = Settings(model_poll_s=0, max_tiles=20, batch_max_queued_images=64)
+    with run_service(settings, backend) as service:
+        yield service, backend
+
+
+def detect(url: str, body: bytes, **params) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/detect",
+        params=params,
+        content=body,
+        headers={"content-type": "image/png"},
+        timeout=60,
+    )
+
+
+def boxes_of(image: dict) -> np.ndarray:
+    return np.array(
+        sorted([d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in image["detections"])
+    )
+
+
+def test_the_plan_the_test_relies_on():
+    plan = grid_plan(W, H, 3, 2, 0.2)
+    assert [(t.x0, t.x1) for t in plan.tiles[:3]] == [(0, 693), (554, 1247), (1107, 1800)]
+    assert [(t.y0, t.y1) for t in plan.tiles[::3]] == [(0, 667), (533, 1200)]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_tiles_map_every_box_back_to_the_image_and_merge_cut_objects_into_one(live, whole):
+    service, backend = live
+    before = backend.inputs
+    r = detect(service.url, picture(), tiles="3x2", tile_overlap=0.2, tile_whole=whole)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    image = body["images"][0]
+    assert image["tiles"] == {
+        "grid": [3, 2],
+        "count": 6,
+        "size": [693, 667],
+        "whole_image": whole,
+        "model_runs": 6 + whole,
+    }
+    assert body["model_runs"] == 6 + whole
+    assert backend.inputs - before == 6 + whole
+    got = boxes_of(image)
+    want = np.array(sorted(SQUARES), dtype=float)
+    assert got.shape == want.shape, got  # one box per square: cut pieces merged
+    # a tile is 693 px shown at 300: a pixel of the input is 2.3 px of the image
+    np.testing.assert_allclose(got, want, atol=693 / 300 + 1)
+
+
+def test_without_tiles_the_same_request_runs_the_image_once(live):
+    service, backend = live
+    before = backend.inputs
+    r = detect(service.url, picture())
+    assert r.status_code == 200
+    assert backend.inputs - before == 1
+    assert "tiles" not in r.json()["images"][0] and "model_runs" not in r.json()
+    # the whole image at 300x300: 6 px of the image per pixel of the input
+    got = boxes_of(r.json()["images"][0])
+    np.testing.assert_allclose(got, np.array(sorted(SQUARES), float), atol=W / 300 + 1)
+
+
+def test_auto_shares_the_request_budget_between_its_images_and_an_image_no_larger_than_a_tile_runs_once(
+    live,
+):
+    service, backend = live
+    small = Image.new("RGB", (500, 400), (128, 128, 128))
+    ImageDraw.Draw(small).rectangle([10, 10, 49, 49], fill=(230, 20, 20))
+    buf = io.BytesIO()
+    small.save(buf, format="PNG")
+    files = [("images", ("a.png", picture(), "image/png")), ("images", ("b.png", buf.getvalue()))]
+    before = backend.inputs
+    r = httpx.post(service.url + "/v1/detect", params={"tiles": "auto"}, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    big, little = r.json()["images"]
+    assert little["tiles"]["count"] == 0 and little["tiles"]["model_runs"] == 1
+    assert big["tiles"]["model_runs"] <= 20 // 2  # SSD_MAX_TILES=20 shared by two images
+    assert r.json()["model_runs"] == big["tiles"]["model_runs"] + 1
+    assert backend.inputs - before == r.json()["model_runs"]
+    assert len(big["detections"]) == len(SQUARES)
+    assert len(little["detections"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"tiles": "5x4"}, "too_many_tiles"),  # 21 runs > SSD_MAX_TILES=20
+        ({"tiles": "4x4x4"}, "invalid_parameter"),
+        ({"tiles": "0x2"}, "invalid_parameter"),
+        ({"tiles": "auto", "tile_size": 8}, "invalid_parameter"),
+        ({"tiles": "auto", "tile_overlap": 0.9}, "invalid_parameter"),
+    ],
+)
+def test_bad_tile_requests_get_a_clear_422_before_any_model_run(live, params, code):
+    service, backend = live
+    before = backend.inputs
+    r = detect(service.url, picture(), **params)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code
+    assert backend.inputs == before
+
+
+def test_a_batch_of_images_whose_grids_together_exceed_the_limit_gets_422(live):
+    service, backend = live
+    files = [("images", (f"{i}.png", picture(), "image/png")) for i in range(3)]
+    before = backend.inputs
+    r = httpx.post(service.url + "/v1/detect", params={"tiles": "3x2"}, files=files, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_tiles"  # 3 x 7 > 20
+    assert backend.inputs == before
