@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             metrics,
             dct_scaling=settings.jpeg_dct_scaling,
             max_tiles=settings.max_tiles,
+            tile_merge=settings.tile_merge,
         )
         app.state.in_flight = InFlight(settings.max_in_flight, metrics)
         try:

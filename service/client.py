@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iou-threshold", type=float, default=0.5)
     p.add_argument("--max-detections", type=int, default=100)
     p.add_argument("--classes", help="comma-separated class names or category ids of the model")
+    p.add_argument(
+        "--tiles", help="small objects in large pictures: auto, or a grid COLSxROWS such as 4x3"
+    )
+    p.add_argument("--tile-size", type=int, help="--tiles auto: the tile side in pixels")
     p.add_argument("--lines", help="videos: lines to count crossings of, x1,y1,x2,y2;... (pixels)")
     p.add_argument("--fps", type=float, help="videos: frames per second to detect on")
     p.add_argument(
@@ -192,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.classes:
         params["classes"] = args.classes
+    if args.tiles:
+        params["tiles"] = args.tiles
+        if args.tile_size:
+            params["tile_size"] = args.tile_size
     results, failures = {}, 0
     with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as client:
         for path in files:

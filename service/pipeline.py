@@ -19,39 +19,7 @@ from ssdcore import tiling
 from ssdcore.labels import ClassList
 from ssdcore.postprocess import Detections, postprocess
 from ssdcore.spec import REFERENCE_POSTPROCESS, Postprocess
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """A request's tiles (ssdcore/tiling.py): a grid of ``grid`` = (columns, rows), or auto
-    (None: tiles of side at most ``size`` pixels, as many as the request's budget allows);
-    neighbours overlapping by ``overlap``; the whole image run too where ``whole``; boxes found
-    twice merged by ``merge`` ("nmm" or "nms")."""
-
-    grid: tuple[int, int] | None
-    size: int
-    overlap: float
-    whole: bool = True
-    merge: str = "nmm"
-
-    def runs_per_image(self) -> int | None:
-        """Model runs per image of a grid (at most: a grid finer than the image's pixels
-        shrinks); None for auto, which fits the budget."""
-        if self.grid is None:
-            return None
-        return self.grid[0] * self.grid[1] + (1 if self.whole else 0)
-
-    def planner(self, max_runs: int) -> Callable[[int, int], tiling.TilePlan]:
-        def plan_for(width: int, height: int) -> tiling.TilePlan:
-            if self.grid is None:
-                return tiling.auto_plan(
-                    width, height, self.size, self.overlap, max_runs, self.whole
-                )
-            cols, rows = self.grid
-            return tiling.grid_plan(width, height, cols, rows, self.overlap, self.whole)
-
-        return plan_for
-
+from ssdcore.tiling import TileSpec
 
 # the overlap (intersection over the smaller box) at which two tiles' boxes are one object
 TILE_MATCH_THRESHOLD = 0.5
@@ -66,7 +34,7 @@ class DetectParams:
     # class names or category ids to keep (None: all), resolved against the class list of the
     # version that answers (ClassList.resolve_filter)
     classes: tuple[str, ...] | None = None
-    tiling: Tiling | None = None  # None: each image run whole, once
+    tiling: TileSpec | None = None  # None: each image run whole, once
 
     @classmethod
     def of(
@@ -75,7 +43,7 @@ class DetectParams:
         iou_threshold: float,
         max_detections: int,
         classes: tuple[str, ...] | None = None,
-        tiling: Tiling | None = None,
+        tiling: TileSpec | None = None,
     ) -> DetectParams:
         """The reference's per-class top-K with a request's thresholds and cap."""
         pp = replace(
@@ -108,6 +76,7 @@ class Pipeline:
     metrics: Metrics
     dct_scaling: bool = True
     max_tiles: int = 64  # model runs a tiled request may cause
+    tile_merge: str = "nmm"  # how boxes tiles found twice become one (ssdcore.tiling.merge)
 
     def check_tiles(self, params: DetectParams, images: int = 1) -> None:
         """422 where a tile grid asks for more model runs than a request may cause."""
@@ -178,13 +147,17 @@ class Pipeline:
         raise BackendUnavailable("the model version changed during the request; retry it")
 
     async def _decode(
-        self, uploads: list[bytes], tiles: Tiling | None
+        self, uploads: list[bytes], tiles: TileSpec | None
     ) -> list[DecodedImage | TiledImage]:
         loop = asyncio.get_running_loop()
         if tiles is None:
             tasks = [loop.run_in_executor(self.pool, self._decode_one, d) for d in uploads]
         else:  # auto shares the request's budget of model runs between its images
-            plan_for = tiles.planner(max(1, self.max_tiles // len(uploads)))
+            budget = max(1, self.max_tiles // len(uploads))
+
+            def plan_for(width: int, height: int) -> tiling.TilePlan:
+                return tiles.plan(width, height, budget)
+
             tasks = [
                 loop.run_in_executor(self.pool, self._decode_tiled, d, plan_for) for d in uploads
             ]
@@ -219,10 +192,10 @@ class Pipeline:
         for index, image in enumerate(images):
             runs = results[start : start + len(_inputs(image))]
             start += len(runs)
-            dets = [_detections(r, params.postprocess, allowed) for r in runs]
+            dets = [run_detections(r, params.postprocess, allowed) for r in runs]
             entry = {"index": index, "width": image.width, "height": image.height}
             if isinstance(image, TiledImage):
-                det = merge_tiles(image.plan, dets, params.tiling.merge, params.postprocess)
+                det = merge_tiles(image.plan, dets, self.tile_merge, params.postprocess)
                 entry["tiles"] = describe(image.plan)
             else:
                 det = dets[0]
@@ -246,9 +219,10 @@ def _inputs(image: DecodedImage | TiledImage) -> list[np.ndarray]:
     return image.pixels if isinstance(image, TiledImage) else [image.pixels]
 
 
-def _detections(
+def run_detections(
     result: BatchResult, params: Postprocess, allowed: frozenset[int] | None
 ) -> Detections:
+    """One model run's detections: the request's postprocess over its candidates."""
     c = result.candidates
     return postprocess(
         c.boxes[result.row],
@@ -263,15 +237,23 @@ def merge_tiles(
     plan: tiling.TilePlan, dets: list[Detections], method: str, params: Postprocess
 ) -> Detections:
     """Each run's detections (the plan's tiles, then the whole image) -> the image's: boxes
-    mapped to the whole image, found twice merged, the request's cap applied."""
+    mapped to the whole image, the whole image's kept for large objects only, found twice
+    merged, the request's cap applied."""
     if plan.trivial:
         return dets[0]
-    frames = [*plan.tiles, tiling.Tile(0, 0, plan.width, plan.height)]
-    boxes = [tiling.to_image(d.boxes, t, plan.width, plan.height) for d, t in zip(dets, frames)]
+    boxes = [tiling.to_image(d.boxes, t, plan.width, plan.height) for d, t in zip(dets, plan.tiles)]
+    scores = [d.scores for d in dets[: len(plan.tiles)]]
+    classes = [d.classes for d in dets[: len(plan.tiles)]]
+    if plan.whole:
+        whole = dets[len(plan.tiles)]
+        large = tiling.large_enough(whole.boxes, plan)
+        boxes.append(whole.boxes[large])
+        scores.append(whole.scores[large])
+        classes.append(whole.classes[large])
     merged = tiling.merge(
         np.concatenate(boxes),
-        np.concatenate([d.scores for d in dets]),
-        np.concatenate([d.classes for d in dets]),
+        np.concatenate(scores),
+        np.concatenate(classes),
         TILE_MATCH_THRESHOLD,
         method,
     )

@@ -71,7 +71,14 @@ def tiled_inputs(
     rgb, width, height = _oriented_rgb(img, draft)
     if (width, height) != (plan.width, plan.height):  # an EXIF block that could not be applied
         plan = plan_for(width, height)
-    sx, sy = rgb.width / width, rgb.height / height  # the decoded image's scale
+    return list(tile_inputs(rgb, plan, size)), width, height, plan
+
+
+def tile_inputs(rgb: Image.Image, plan: TilePlan, size: int) -> np.ndarray:
+    """An RGB picture of the planned image (at its size or scaled down) -> (runs, size, size, 3)
+    uint8: each tile resized (bilinear) to the model's input, then the whole picture where the
+    plan runs it."""
+    sx, sy = rgb.width / plan.width, rgb.height / plan.height  # the decoded picture's scale
     out = [
         rgb.resize(
             (size, size),
@@ -82,8 +89,7 @@ def tiled_inputs(
     ]
     if plan.whole:
         out.append(rgb.resize((size, size), Image.Resampling.BILINEAR))
-    pixels = [np.ascontiguousarray(np.asarray(tile, dtype=np.uint8)) for tile in out]
-    return pixels, width, height, plan
+    return np.stack([np.asarray(tile, dtype=np.uint8) for tile in out])
 
 
 def _oriented_rgb(img: Image.Image, draft: tuple[int, int] | None) -> tuple[Image.Image, int, int]:

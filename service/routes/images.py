@@ -12,9 +12,10 @@ from starlette.requests import ClientDisconnect
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.multipart import read_uploads
-from service.pipeline import DetectParams, Pipeline, Tiling
+from service.pipeline import DetectParams, Pipeline
 from service.routes.common import client_gone_mid_upload, pipeline, unless_disconnected
 from service.settings import Settings
+from ssdcore.tiling import TileSpec
 
 _BINARY = {"type": "string", "format": "binary"}
 DETECT_BODY = {
@@ -61,7 +62,7 @@ def detect_params(settings: Settings) -> Callable[..., DetectParams]:
 _GRID = re.compile(r"(\d{1,3})x(\d{1,3})")
 
 
-def tile_params(settings: Settings) -> Callable[..., Tiling | None]:
+def tile_params(settings: Settings) -> Callable[..., TileSpec | None]:
     """The tiling query parameters (ssdcore/tiling.py), defaults from settings."""
 
     def params(
@@ -85,7 +86,7 @@ def tile_params(settings: Settings) -> Callable[..., Tiling | None]:
         tile_whole: Annotated[
             bool, Query(description="run the whole image too (large objects)")
         ] = True,
-    ) -> Tiling | None:
+    ) -> TileSpec | None:
         if tiles is None or tiles in ("", "off", "none"):
             return None
         if tiles == "auto":
@@ -99,7 +100,7 @@ def tile_params(settings: Settings) -> Callable[..., Tiling | None]:
                     f"tiles must be auto or a grid COLSxROWS such as 4x3, got {tiles!r}",
                 )
             grid = (int(match[1]), int(match[2]))
-        return Tiling(grid, tile_size, tile_overlap, tile_whole, settings.tile_merge)
+        return TileSpec(grid, tile_size, tile_overlap, tile_whole)
 
     return params
 
@@ -131,7 +132,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         request: Request,
         pipe: Annotated[Pipeline, Depends(pipeline)],
         params: Annotated[DetectParams, Depends(detect_params(settings))],
-        tiles: Annotated[Tiling | None, Depends(tile_params(settings))],
+        tiles: Annotated[TileSpec | None, Depends(tile_params(settings))],
     ) -> JSONResponse:
         params = replace(params, tiling=tiles)
         params.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,12 +19,13 @@ from service.metrics import Metrics
 from service.multipart import read_video_upload
 from service.pipeline import DetectParams, Pipeline
 from service.routes.common import client_gone_mid_upload, pipeline
-from service.routes.images import detect_params
+from service.routes.images import detect_params, tile_params
 from service.settings import Settings
 from service.video.processing import VideoParams, VideoRun
 from service.video.protocol import VideoError, VideoLimits
 from service.video.tracking import Line
 from service.video.worker import DecodeWorker
+from ssdcore.tiling import TileSpec
 
 log = logging.getLogger("service")
 MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
@@ -144,6 +146,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         request: Request,
         pipe: Annotated[Pipeline, Depends(pipeline)],
         detect: Annotated[DetectParams, Depends(detect_params(settings))],
+        tiles: Annotated[TileSpec | None, Depends(tile_params(settings))],
         fps: Annotated[
             float | None,
             Query(
@@ -162,7 +165,9 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             ),
         ] = None,
     ) -> StreamingResponse:
+        detect = replace(detect, tiling=tiles)
         detect.allowed(pipe.backend.info.classes)  # an unknown class: 422 before the upload
+        pipe.check_tiles(detect)  # a frame's grid beyond the limit: 422 before the upload
         if lines and not track:
             raise ApiError(422, "invalid_parameter", "lines are counted from tracks: track=true")
         params = VideoParams(
@@ -202,7 +207,9 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                 slots.end_upload(client)
             slots.take()
             running = True
-            worker = await DecodeWorker.start(path, params.fps, limits)
+            worker = await DecodeWorker.start(
+                path, params.fps, limits, tiles=tiles, max_runs=settings.max_tiles
+            )
             try:  # the header and the first frame: an unusable video is a 4xx, not a line
                 async with asyncio.timeout(settings.request_timeout_s):
                     video = await worker.info()
@@ -226,7 +233,9 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                 video.fps,
                 video.duration_s,
             )
-            window = 2 * settings.batch_max_size  # one batch at the model, one waiting
+            # one batch at the model, one waiting (of a frame's tiles, at least two frames)
+            runs = tiles.plan(video.width, video.height, settings.max_tiles).runs if tiles else 1
+            window = max(2, 2 * settings.batch_max_size // runs)
             run = VideoRun(pipe, worker, video, params, window, request.state.request_id, first)
         except BaseException:
             if worker is not None:

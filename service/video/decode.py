@@ -26,7 +26,9 @@ import av
 from PIL import Image
 
 from service.video.protocol import Frame, VideoError, VideoInfo, VideoLimits
+from ssdcore.imaging import tile_inputs
 from ssdcore.spec import SSD300
+from ssdcore.tiling import TilePlan
 
 SIZE = SSD300.image_size
 # recognised container -> FFmpeg's demuxer; the media types a raw body may name
@@ -127,10 +129,13 @@ def frames(
     limits: VideoLimits,
     threads: int = 1,
     progress: Progress | None = None,
+    plan: TilePlan | None = None,
 ) -> Iterator[Frame]:
     """The frames to detect on, resized to 300x300 RGB: every frame, or at most ``fps`` a second
-    chosen by their timestamps. A frame past ``limits.max_seconds`` (a header that lied) or of
-    another size than the header's ends the video with an error."""
+    chosen by their timestamps; with a ``plan`` of tiles, each frame's tiles and then the whole
+    frame (as still images are tiled: ssdcore.imaging). A frame past ``limits.max_seconds`` (a
+    header that lied) or of another size than the header's ends the video with an error."""
+    tiled = plan is not None and not plan.trivial
     progress = progress if progress is not None else Progress()
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -172,9 +177,12 @@ def frames(
             # on the grid of steps while frames come regularly; after a gap, a step after this one
             on_grid = next_t is not None and t < next_t + step / 2
             next_t = next_t + step if on_grid else t + step
-            pixels = frame.reformat(
-                width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
-            ).to_ndarray()
+            if tiled:
+                pixels = tile_inputs(frame.to_image(), plan, SIZE)
+            else:
+                pixels = frame.reformat(
+                    width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
+                ).to_ndarray()
             yield Frame(index, t, pixels)
     except av.FFmpegError as exc:
         raise VideoError(

@@ -23,11 +23,17 @@ import numpy as np
 from service.backends import ModelInfo
 from service.batching import BatchResult
 from service.errors import ApiError
-from service.pipeline import DetectParams, Pipeline, to_pixel_detections
+from service.pipeline import (
+    DetectParams,
+    Pipeline,
+    describe,
+    merge_tiles,
+    run_detections,
+    to_pixel_detections,
+)
 from service.video.protocol import Frame, VideoError, VideoInfo
 from service.video.tracking import Line, LineCounter, Tracker
 from service.video.worker import DecodeWorker
-from ssdcore.postprocess import postprocess
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class VideoRun:
         self.window = window
         self.request_id = request_id
         self.rate = min(params.fps, video.fps) if video.fps > 0 else params.fps
+        tiles = params.detect.tiling  # planned as the worker plans them
+        self.plan = tiles.plan(video.width, video.height, pipe.max_tiles) if tiles else None
 
     async def lines(self) -> AsyncIterator[bytes]:
         backend = self.pipe.backend
@@ -118,7 +126,7 @@ class VideoRun:
                         reading = False
                         break
                     work = self.pipe.batcher.submit(
-                        [frame.pixels],
+                        list(frame.pixels) if frame.pixels.ndim == 4 else [frame.pixels],
                         deadline=time.perf_counter() + self.pipe.timeout_s,
                         pin=pin,
                         background=True,
@@ -128,7 +136,8 @@ class VideoRun:
                     break
                 frame, future = pending.popleft()
                 t = time.perf_counter()
-                result: BatchResult = (await future)[0]
+                results: list[BatchResult] = await future
+                result = results[0]
                 stages.model_wait += time.perf_counter() - t
                 line: dict = {"frame": frame.index, "pts_s": round(frame.pts_s, 6)}
                 if pin is None:  # Triton names the version that answered
@@ -142,7 +151,7 @@ class VideoRun:
                 line["model_version"] = info.version
                 # NMS and tracking off the event loop (one frame at a time: the tracker's order)
                 line["detections"] = await loop.run_in_executor(
-                    self.pipe.pool, self._detections, result, info, tracker, counter, stages, line
+                    self.pipe.pool, self._detections, results, info, tracker, counter, stages, line
                 )
                 processed += 1
                 last_pts = frame.pts_s
@@ -160,7 +169,7 @@ class VideoRun:
 
     def _detections(
         self,
-        result: BatchResult,
+        results: list[BatchResult],
         info: ModelInfo,
         tracker: Tracker | None,
         counter: LineCounter | None,
@@ -168,14 +177,12 @@ class VideoRun:
         line: dict,
     ) -> list[dict]:
         t0 = time.perf_counter()
-        c = result.candidates
-        det = postprocess(
-            c.boxes[result.row],
-            c.scores[result.row],
-            c.classes[result.row],
-            self.params.detect.postprocess,
-            allowed_classes=self.params.detect.allowed(info.classes),
-        )
+        pp, allowed = self.params.detect.postprocess, self.params.detect.allowed(info.classes)
+        dets = [run_detections(r, pp, allowed) for r in results]  # the frame's, or its tiles'
+        if self.plan is not None:
+            det = merge_tiles(self.plan, dets, self.pipe.tile_merge, pp)
+        else:
+            det = dets[0]
         w, h = self.video.width, self.video.height
         out = to_pixel_detections(det.boxes, det.scores, det.classes, w, h, info.classes)
         t1 = time.perf_counter()
@@ -239,6 +246,7 @@ class VideoRun:
                     else None
                 ),
                 "lines": lines,
+                "tiles": describe(self.plan) if self.plan is not None else None,
                 "model": model_body(info),
                 "request_id": self.request_id,
                 "timings_ms": {

@@ -45,7 +45,7 @@ class VideoInfo:
 class Frame:
     index: int  # in decoding order, counting every decoded frame
     pts_s: float  # presentation time, seconds from the stream's start
-    pixels: np.ndarray  # (300, 300, 3) uint8 RGB
+    pixels: np.ndarray  # (300, 300, 3) uint8 RGB; with tiles (n, 300, 300, 3), the whole last
 
 
 def message(kind: bytes, payload: bytes) -> bytes:
@@ -71,5 +71,5 @@ def done_message(decoded: int) -> bytes:
 
 def parse_frame(payload: bytes) -> Frame:
     index, pts = FRAME_HEAD.unpack_from(payload)
-    pixels = np.frombuffer(payload, np.uint8, offset=FRAME_HEAD.size).reshape(FRAME_SHAPE)
-    return Frame(index, pts, pixels)
+    pixels = np.frombuffer(payload, np.uint8, offset=FRAME_HEAD.size).reshape(-1, *FRAME_SHAPE)
+    return Frame(index, pts, pixels[0] if pixels.shape[0] == 1 else pixels)

@@ -33,6 +33,7 @@ from service.video.protocol import (
     VideoLimits,
     parse_frame,
 )
+from ssdcore.tiling import TileSpec
 
 
 class DecodeWorker:
@@ -45,9 +46,24 @@ class DecodeWorker:
 
     @classmethod
     async def start(
-        cls, path: Path, fps: float | None, limits: VideoLimits, threads: int = 1
+        cls,
+        path: Path,
+        fps: float | None,
+        limits: VideoLimits,
+        threads: int = 1,
+        tiles: TileSpec | None = None,
+        max_runs: int = 1,
     ) -> DecodeWorker:
-        spec = {"path": str(path), "fps": fps, "limits": asdict(limits), "threads": threads}
+        """``tiles``: each frame's tiles (and the whole frame) instead of the frame alone,
+        planned as the gateway plans them (at most ``max_runs`` a frame)."""
+        spec = {
+            "path": str(path),
+            "fps": fps,
+            "limits": asdict(limits),
+            "threads": threads,
+            "tiles": asdict(tiles) if tiles is not None else None,
+            "max_runs": max_runs,
+        }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -124,10 +140,14 @@ def main(argv: list[str]) -> int:
         try:
             container = open_video(Path(spec["path"]))
             with container:
-                out.write(protocol.info_message(probe(container, limits)))
+                info = probe(container, limits)
+                out.write(protocol.info_message(info))
                 out.flush()
                 progress = Progress()
-                for frame in frames(container, spec["fps"], limits, spec["threads"], progress):
+                tiles = TileSpec(**spec["tiles"]) if spec["tiles"] else None
+                plan = tiles.plan(info.width, info.height, spec["max_runs"]) if tiles else None
+                decoded = frames(container, spec["fps"], limits, spec["threads"], progress, plan)
+                for frame in decoded:
                     out.write(protocol.frame_message(frame))
                     out.flush()
                 out.write(protocol.done_message(progress.decoded))

@@ -21,8 +21,9 @@ K = 16  # candidates per image
 
 
 class RedSquares:
-    """A backend that answers, for each input, the boxes of its red regions (class 1, score
-    0.9) and records how many inputs it ran: the model's outputs are then exact and known."""
+    """A backend that answers, for each input, the boxes of its red regions (class 1; score 0.9,
+    0.6 where the region touches the input's border: cut, as a model scores a cut object lower)
+    and records how many inputs it ran: the model's outputs are then exact and known."""
 
     def __init__(self) -> None:
         self.info = ModelInfo("red_squares", "1", "test", K, False)
@@ -49,7 +50,8 @@ class RedSquares:
             for k, found in enumerate(ndimage.find_objects(labels)[:K]):
                 ys, xs = found
                 boxes[i, k] = [xs.start / 300, ys.start / 300, xs.stop / 300, ys.stop / 300]
-                scores[i, k] = 0.9
+                cut = min(xs.start, ys.start) == 0 or max(xs.stop, ys.stop) == 300
+                scores[i, k] = 0.6 if cut else 0.9
         return Candidates(boxes, scores, np.ones((n, K), np.int32), "1")
 
     def info_for(self, version: str) -> ModelInfo:
@@ -74,9 +76,11 @@ SQUARES = [
     (650, 300, 720, 340),  # crosses the first tile's right border; whole in the second
     (480, 580, 720, 700),  # larger than the overlap, across both borders: no tile sees it whole
 ]
+# larger than a tile: only the whole image sees it whole (its pieces are the tiles')
+LARGE = (900, 100, 1700, 800)
 
 
-def picture(squares=SQUARES) -> bytes:
+def picture(squares=(*SQUARES, LARGE)) -> bytes:
     img = Image.new("RGB", (W, H), (128, 128, 128))
     d = ImageDraw.Draw(img)
     for x0, y0, x1, y1 in squares:
@@ -134,10 +138,16 @@ def test_tiles_map_every_box_back_to_the_image_and_merge_cut_objects_into_one(li
     assert body["model_runs"] == 6 + whole
     assert backend.inputs - before == 6 + whole
     got = boxes_of(image)
+    outside = (got[:, 2] <= LARGE[0]) | (got[:, 1] >= LARGE[3])  # the boxes of the squares
     want = np.array(sorted(SQUARES), dtype=float)
-    assert got.shape == want.shape, got  # one box per square: cut pieces merged
+    assert got[outside].shape == want.shape, got  # one box per square: cut pieces merged
     # a tile is 693 px shown at 300: a pixel of the input is 2.3 px of the image
-    np.testing.assert_allclose(got, want, atol=693 / 300 + 1)
+    np.testing.assert_allclose(got[outside], want, atol=693 / 300 + 1)
+    if whole:  # the large one: one box, the whole image's, its tiles' pieces merged into it
+        assert (~outside).sum() == 1, got
+        np.testing.assert_allclose(got[~outside][0], LARGE, atol=W / 300 + 1)
+    else:  # in pieces, none whole: what the whole image's run is for
+        assert (~outside).sum() > 1, got
 
 
 def test_without_tiles_the_same_request_runs_the_image_once(live):
@@ -149,7 +159,8 @@ def test_without_tiles_the_same_request_runs_the_image_once(live):
     assert "tiles" not in r.json()["images"][0] and "model_runs" not in r.json()
     # the whole image at 300x300: 6 px of the image per pixel of the input
     got = boxes_of(r.json()["images"][0])
-    np.testing.assert_allclose(got, np.array(sorted(SQUARES), float), atol=W / 300 + 1)
+    want = np.array(sorted((*SQUARES, LARGE)), float)
+    np.testing.assert_allclose(got, want, atol=W / 300 + 1)
 
 
 def test_auto_shares_the_request_budget_between_its_images_and_an_image_no_larger_than_a_tile_runs_once(
@@ -169,7 +180,7 @@ def test_auto_shares_the_request_budget_between_its_images_and_an_image_no_large
     assert big["tiles"]["model_runs"] <= 20 // 2  # SSD_MAX_TILES=20 shared by two images
     assert r.json()["model_runs"] == big["tiles"]["model_runs"] + 1
     assert backend.inputs - before == r.json()["model_runs"]
-    assert len(big["detections"]) == len(SQUARES)
+    assert len(big["detections"]) == len(SQUARES) + 1  # the large one found whole
     assert len(little["detections"]) == 1
 
 

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ssdcore.tiling import Tile, auto_plan, count_for, grid_plan, merge, to_image
+from ssdcore.tiling import Tile, auto_plan, count_for, grid_plan, large_enough, merge, to_image
 
 SIZES = [(2000, 1500), (1001, 333), (640, 480), (7, 5), (300, 4000)]
 GRIDS = [(1, 1), (2, 2), (4, 3), (5, 7)]
@@ -189,3 +189,11 @@ def test_bad_plans_are_refused():
         auto_plan(100, 100, 0, 0.2, 10)
     with pytest.raises(ValueError):
         merge(np.zeros((1, 4)), np.ones(1), np.ones(1), 0.5, "union")
+
+
+def test_the_whole_image_keeps_only_boxes_of_objects_half_a_tile_long():
+    plan = grid_plan(2000, 1000, 4, 2, 0.2)  # tiles 588 x 556: half the shorter side is 278
+    assert (plan.tiles[0].width, plan.tiles[0].height) == (589, 556)
+    px = np.array([[0, 0, 277, 100], [0, 0, 100, 278], [10, 10, 2000, 1000], [5, 5, 40, 40]])
+    keep = large_enough(px / [2000, 1000, 2000, 1000], plan)
+    assert keep.tolist() == [False, True, True, False]
