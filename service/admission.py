@@ -5,23 +5,31 @@ A request body that has fully arrived needs no place here: it goes straight on (
 the request's, bounded by ``SSD_MAX_BODY_BYTES`` and ``SSD_MAX_IN_FLIGHT``). A body still
 arriving after a read is a *partial upload*; the bytes received of all of them together stay
 within ``SSD_UPLOAD_BUFFER_BYTES``. When a piece would overflow it, the partial uploads that
-would take longest to finish at the rate they have kept so far (the slowest relative to what
-they still have to send; the oldest among equals) are dropped first, 503 with
-``Connection: close``, until the piece fits: a stalled or trickling upload loses its place to
-one that is arriving, never the other way round. nginx buffers partial bodies and bounds
-connections; Envoy's overload manager resets the streams holding the most buffer: this is the
-same idea with the cost of finishing as the measure.
+would take longest to finish are dropped first, 503 with ``Connection: close``, until the piece
+fits: a stalled or trickling upload loses its place to one that is arriving, never the other
+way round. nginx buffers partial bodies and bounds connections; Envoy's overload manager resets
+the streams holding the most buffer: this is the same idea with the cost of finishing as the
+measure.
 
-Each client address may hold ``SSD_MAX_UPLOADS_PER_CLIENT`` partial uploads at once; the next
-one from that address gets a 503 (other addresses are not touched). The address is the peer's,
-or, where the peer is one of ``SSD_TRUSTED_PROXIES``, the nearest untrusted address of
-``X-Forwarded-For``.
+The time to finish is what is left to send at the slower of two rates: the average since the
+upload began and the rate of the last ``RATE_WINDOW_S`` seconds. The average alone let an
+upload that sent all but a few bytes at once, then one byte every half minute, look nearly
+finished for many minutes; the recent rate alone would let one that stalled for minutes look
+fast on its first burst. An upload keeps its place only by being fast in both senses.
+
+Each client address may hold ``SSD_MAX_UPLOADS_PER_CLIENT`` partial uploads at once (the next
+one from that address gets a 503) and ``SSD_UPLOAD_BYTES_PER_CLIENT`` bytes of them: a piece
+that takes an address beyond that drops the address's own slowest uploads until it is within,
+whatever room the buffer has; other addresses are not touched. One address can so never hold
+the whole buffer. The address is the peer's, or, where the peer is one of
+``SSD_TRUSTED_PROXIES``, the nearest untrusted address of ``X-Forwarded-For``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +38,8 @@ from service.errors import ApiError
 from service.metrics import Metrics
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RATE_WINDOW_S = 10.0  # the recent rate: bytes of the last this many seconds
 
 
 class UploadDropped(ApiError):
@@ -54,22 +64,57 @@ class Upload:
     dropped: bool = False
     timer: object = None  # the asyncio.Timeout of the read it is waiting on, if any
     order: int = field(default_factory=itertools.count().__next__)
+    # the bytes of the current and the previous RATE_WINDOW_S window, and where the current began
+    window_start: float | None = None
+    window_bytes: int = 0
+    previous_bytes: int = 0
+
+    def arrived(self, size: int, now: float) -> None:
+        self._roll(now)
+        self.received += size
+        self.window_bytes += size
+
+    def recent_rate(self, now: float) -> float:
+        """Bytes/s over the last ``RATE_WINDOW_S`` (a sliding window: the current one and the
+        previous one's share), over the upload's age while it is younger than that."""
+        self._roll(now)
+        if self.window_start is None:
+            return 0.0
+        into = (now - self.window_start) / RATE_WINDOW_S
+        in_window = self.window_bytes + self.previous_bytes * max(1.0 - into, 0.0)
+        return in_window / max(min(RATE_WINDOW_S, now - self.started), 1e-3)
 
     def seconds_to_finish(self, now: float) -> float:
-        elapsed = max(now - self.started, 1e-3)
-        rate = self.received / elapsed
+        average = self.received / max(now - self.started, 1e-3)
+        rate = min(average, self.recent_rate(now))
         left = max(self.expected - self.received, 0)
-        return left / rate if rate > 0 else float("inf")
+        if left == 0:
+            return 0.0
+        return left / rate if rate > 0 else math.inf
+
+    def _roll(self, now: float) -> None:
+        if self.window_start is None:
+            self.window_start = now
+            return
+        windows = math.floor((now - self.window_start) / RATE_WINDOW_S)
+        if windows >= 1:
+            self.previous_bytes = self.window_bytes if windows == 1 else 0
+            self.window_bytes = 0
+            self.window_start += windows * RATE_WINDOW_S
 
 
 class UploadAdmission:
-    def __init__(self, budget: int, per_client: int, metrics: Metrics) -> None:
+    def __init__(
+        self, budget: int, per_client: int, metrics: Metrics, bytes_per_client: int | None = None
+    ) -> None:
         self.budget = budget
         self.per_client = per_client
+        self.bytes_per_client = bytes_per_client or budget
         self.metrics = metrics
         self.held = 0
         self.uploads: set[Upload] = set()
-        self.by_client: dict[str, int] = {}
+        self.by_client: dict[str, int] = {}  # uploads in progress per address
+        self.held_by_client: dict[str, int] = {}  # their bytes
 
     def begin(self, client: str, expected: int, now: float) -> Upload:
         """A body is still arriving after a read: give it a place, or 503 for its address."""
@@ -87,23 +132,35 @@ class UploadAdmission:
         return upload
 
     def grow(self, upload: Upload, size: int, now: float) -> None:
-        """``size`` more bytes of ``upload`` have arrived: drop the slowest partial uploads
-        until they fit the budget (raising :class:`UploadDropped` if ``upload`` is one)."""
+        """``size`` more bytes of ``upload`` have arrived: drop its address's slowest uploads
+        until the address is within its bytes, then the slowest of all until they fit the
+        budget (raising :class:`UploadDropped` if ``upload`` is one)."""
         if upload.dropped:
             # dropped while this piece was on its way: the piece is refused with the upload and
             # never counted (the upload's bytes went back when it was dropped)
             raise UploadDropped(upload.received + size)
-        upload.received += size
+        upload.arrived(size, now)
         self.held += size
+        client = upload.client
+        self.held_by_client[client] = self.held_by_client.get(client, 0) + size
+        if self.held_by_client[client] > self.bytes_per_client:
+            own = [u for u in self.uploads if u.client == client]
+            for victim in self._worst_first(own, now):
+                if self.held_by_client.get(client, 0) <= self.bytes_per_client:
+                    break
+                self._drop(victim, now)
         if self.held > self.budget:
-            worst_first = sorted(self.uploads, key=lambda u: (-u.seconds_to_finish(now), u.order))
-            for victim in worst_first:
+            for victim in self._worst_first(self.uploads, now):
                 if self.held <= self.budget:
                     break
                 self._drop(victim, now)
         self.metrics.upload_buffer.set(self.held)
         if upload.dropped:
             raise UploadDropped(upload.received)
+
+    @staticmethod
+    def _worst_first(uploads, now: float) -> list[Upload]:
+        return sorted(uploads, key=lambda u: (-u.seconds_to_finish(now), u.order))
 
     def _drop(self, victim: Upload, now: float) -> None:
         victim.dropped = True
@@ -118,11 +175,14 @@ class UploadAdmission:
             return
         self.uploads.discard(upload)
         self.held -= upload.received
-        left = self.by_client[upload.client] - 1
+        client = upload.client
+        left = self.by_client[client] - 1
         if left:
-            self.by_client[upload.client] = left
+            self.by_client[client] = left
+            self.held_by_client[client] -= upload.received
         else:
-            del self.by_client[upload.client]
+            del self.by_client[client]
+            self.held_by_client.pop(client, None)
         self.metrics.upload_buffer.set(self.held)
 
 

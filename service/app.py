@@ -81,12 +81,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 if be.info.metadata.get("random_init_reason")
                 else "",
             )
-        log.info(
-            "model %s: %d classes: %s",
-            be.info.name,
-            len(be.info.classes),
-            be.info.classes.summary(),
-        )
+        if be.info.version:
+            log.info(
+                "model %s: %d classes: %s",
+                be.info.name,
+                len(be.info.classes),
+                be.info.classes.summary(),
+            )
         batcher = MicroBatcher(
             be,
             settings.batch_max_size,
@@ -169,7 +170,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         settings.body_read_timeout_s, settings.body_min_rate, settings.body_grace_s
     )
     admission = UploadAdmission(
-        settings.upload_buffer_bytes, settings.max_uploads_per_client, metrics
+        settings.upload_buffer_bytes,
+        settings.max_uploads_per_client,
+        metrics,
+        settings.client_upload_bytes,
     )
     return EdgeMiddleware(
         app,

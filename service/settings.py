@@ -99,6 +99,14 @@ class Settings(BaseSettings):
     max_uploads_per_client: int = Field(
         16, ge=1, description="partial uploads one client address may hold at once; beyond: 503"
     )
+    upload_bytes_per_client: int | None = Field(
+        None,
+        ge=1024,
+        description="bytes of partial request bodies one client address may hold at once; "
+        "beyond, that address's slowest uploads are dropped (503). Unset: a quarter of "
+        "SSD_UPLOAD_BUFFER_BYTES, or SSD_MAX_BODY_BYTES where that is more (one whole upload "
+        "always fits), never more than the buffer",
+    )
     trusted_proxies: list[str] = Field(
         [],
         description="addresses or CIDR blocks of proxies whose X-Forwarded-For names the "
@@ -266,6 +274,16 @@ class Settings(BaseSettings):
                 f"SSD_MAX_TILES={self.max_tiles})"
             )
         return self
+
+    @property
+    def client_upload_bytes(self) -> int:
+        """What ``SSD_UPLOAD_BYTES_PER_CLIENT`` comes to (its default depends on two others)."""
+        if self.upload_bytes_per_client is not None:
+            return min(self.upload_bytes_per_client, self.upload_buffer_bytes)
+        return min(
+            self.upload_buffer_bytes,
+            max(self.upload_buffer_bytes // 4, self.max_body_bytes),
+        )
 
     @model_validator(mode="after")
     def _metrics_port_is_its_own(self) -> Settings:

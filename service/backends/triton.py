@@ -89,6 +89,7 @@ class TritonBackend:
         self._ready_cache: tuple[float, bool] = (0.0, False)
         self._addresses: frozenset | None = None
         self._retired: list[tuple[float, grpcaio.InferenceServerClient]] = []
+        self._labelled = False  # the served version's class list is known
 
     async def start(self, wait_s: float = 60.0) -> None:
         self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
@@ -107,13 +108,24 @@ class TritonBackend:
             self.model_name, as_json=True, client_timeout=self.timeout_s
         )
         self.topk = check_contract(meta["inputs"], meta["outputs"])
-        try:  # refuse to start on a version whose class list cannot be trusted
+        try:
             served = await self._served_version()
-            self.info = self.info_for(served)
         except BackendUnavailable as exc:
             raise RuntimeError(exc.message) from None
         self.versions.served = served
         self.versions.present = self._present()
+        try:
+            self.info = self.info_for(served)
+            self._labelled = True
+        except BackendUnavailable as exc:
+            if self.store is None or self.store.newest() is not None:
+                # the repository has versions, and not this one's class list: never guess
+                raise RuntimeError(exc.message) from None
+            # An empty repository: the S3 sidecar's first sync has not come yet. Start, not
+            # ready, and label the version (then be ready) once its files arrive.
+            log.warning("version %s of %s cannot be labelled yet (%s is empty): not ready "
+                        "until its class list arrives", served, self.model_name,
+                        self.store.path)  # fmt: skip
 
     async def _served_version(self) -> str:
         """The highest version Triton has READY."""
@@ -190,10 +202,11 @@ class TritonBackend:
             served = await self._served_version()
         except (InferenceServerException, BackendUnavailable):
             return Refresh(refused=refused)
-        if served == self.versions.served:
+        if served == self.versions.served and self._labelled:
             return Refresh(refused=refused)
-        old = self.versions.served
+        old = self.versions.served if self._labelled else ""
         self.info = self.info_for(served)
+        self._labelled = True
         self.versions.served = served
         self.versions.switched_at = time.time()
         return Refresh(switched_to=served, switched_from=old, refused=refused)
@@ -269,6 +282,8 @@ class TritonBackend:
         return Candidates(*(result.as_numpy(n) for n in OUTPUTS), version=version)
 
     async def ready(self) -> bool:
+        if not self._labelled:  # answers could not be labelled yet
+            return False
         now = time.monotonic()
         checked_at, value = self._ready_cache
         if now - checked_at < 0.5:

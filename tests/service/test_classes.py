@@ -18,6 +18,7 @@ from service.settings import Settings
 from ssdcore.labels import ClassList
 from ssdcore.repository import ModelStore
 from tests.service.conftest import rerecord, run_service, triton_settings
+from tests.service.versions import copy_version
 from training.export import ExportOptions, export
 
 OWN = ClassList((40, 7, 12), ("Zebra crossing", "Café table", "señal de tráfico"))
@@ -169,9 +170,11 @@ def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
             )
             dets = r.json()["images"][0]["detections"]
             assert {d["category_id"] for d in dets} == set(OWN.ids)
-        # a gateway whose repository is not Triton's (no version 1 there): refused
+        # a gateway whose repository is not Triton's (versions there, but no version 1): refused
         other = tmp_path / "other" / "ssd300_python"
         other.mkdir(parents=True)
+        copy_version(ModelStore(own_repo, "ssd300_python").version(1).path,
+                     ModelStore(other.parent, "ssd300_python"), 2)  # fmt: skip
         backend = TritonBackend(server.grpc_url, "ssd300_python", 5.0, other.parent)
 
         async def start_and_close():
@@ -182,6 +185,42 @@ def test_triton_backend_serves_the_own_classes(own_repo, tmp_path):
 
         with pytest.raises(RuntimeError, match="version 1 cannot be labelled: cannot read"):
             asyncio.run(start_and_close())
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_a_gateway_before_its_first_sync_starts_unready_and_follows(own_repo, tmp_path):
+    """With S3, a gateway's repository is an emptyDir its sidecar fills: a pod that starts before
+    the first sync has no class list for the version Triton serves. It used to crash at start
+    (a crash loop until the sync won the race); it starts, is not ready, answers 503 (never
+    boxes under guessed names), and is ready with the version's own classes once the files
+    arrive."""
+    import time
+
+    from devtools.triton_server import running_triton
+
+    image = encode(photo(400, 300, seed=3), "JPEG")
+    synced = tmp_path / "synced"
+    (synced / "ssd300_python").mkdir(parents=True)
+    with running_triton(own_repo, ["ssd300_python"], tmp_path / "triton.log") as server:
+        settings = triton_settings(server.grpc_url, synced, model_poll_s=0.2)
+        with run_service(settings) as live, live.client() as c:
+            assert c.get("/livez").status_code == 200
+            assert c.get("/readyz").status_code == 503
+            r = c.post("/v1/detect", files={"image": ("a.jpg", image)})
+            assert r.status_code == 503 and "cannot be labelled" in r.json()["error"]["message"]
+            copy_version(ModelStore(own_repo, "ssd300_python").version(1).path,
+                         ModelStore(synced, "ssd300_python"), 1)  # fmt: skip
+            deadline = time.monotonic() + 30
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            r = c.post("/v1/detect", files={"image": ("a.jpg", image)},
+                       params={"score_threshold": 0.0, "max_detections": 1000})  # fmt: skip
+            assert r.status_code == 200, r.text
+            dets = r.json()["images"][0]["detections"]
+            assert {d["category_id"] for d in dets} == set(OWN.ids)
+            assert c.get("/v1/models").json()["models"][0]["classes"] == OWN.public()
 
 
 def test_openapi_does_not_promise_coco_ids(own_repo):

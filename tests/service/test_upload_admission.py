@@ -7,6 +7,7 @@ from one address. Normal requests are measured against an unloaded run in the sa
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 import resource
 import socket
@@ -15,10 +16,12 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from devtools.raw_uploads import (
     BIG,
@@ -51,10 +54,53 @@ def test_the_slowest_to_finish_is_dropped_not_the_newest():
     a.grow(fast, 500, now=10.0)  # 5 kB/s, 0.1 s to finish: it overflows the budget
     assert stalled.dropped and not trickle.dropped and not fast.dropped
     assert a.held == 900 and a.by_client == {"10.0.0.2": 1, "10.0.0.3": 1}
+    a.grow(trickle, 50, now=999.0)  # both still arriving (silent ones would be stalled)
+    a.grow(fast, 50, now=999.0)
     newcomer = a.begin("10.0.0.1", expected=10_000, now=10.0)
     with pytest.raises(UploadDropped):  # 300 bytes in 990 s: the slowest, it gives way
         a.grow(newcomer, 300, now=1000.0)
-    assert a.held == 900 and newcomer.dropped and a.uploads == {trickle, fast}
+    assert a.held == 1000 and newcomer.dropped and a.uploads == {trickle, fast}
+
+
+def test_nearly_finished_then_trickling_loses_its_place_to_a_steady_upload():
+    """An upload that sent all but a few bytes at once, then one byte every 30 s, looked nearly
+    finished by its average rate for about 20 minutes and kept the buffer. Its recent rate says
+    it is stalled: a steady upload that needs the room takes it."""
+    a = admission(budget=10_000, per_client=3)
+    hog = a.begin("10.0.0.1", expected=9_010, now=0.0)
+    a.grow(hog, 9_000, now=0.5)  # 10 bytes to go
+    t = 0.5
+    for _ in range(4):  # two minutes of one byte per 30 s: the average is still 75 B/s
+        t += 30.0
+        a.grow(hog, 1, now=t)
+    assert hog.seconds_to_finish(t) >= 60  # by the average alone: 0.08 s
+    steady = a.begin("10.0.0.2", expected=5_000, now=t - 2.0)
+    for i in range(1, 5):  # 500 B/s for 4 s
+        a.grow(steady, 500, now=t - 2.0 + i)
+    assert hog.dropped and not steady.dropped
+    assert a.held == 2_000 and a.uploads == {steady}
+
+
+def test_one_address_holds_at_most_its_bytes_whatever_room_is_left():
+    """Sixteen uploads of 10 units from one address against a budget of 128 (the review's 16 x
+    10 MiB against 128 MiB, scaled): the address holds 32 at most, its slowest uploads dropped
+    first; another address's uploads are never touched by it."""
+    a = UploadAdmission(128, 16, Metrics(), bytes_per_client=32)
+    other = a.begin("10.0.0.9", expected=40, now=0.0)
+    a.grow(other, 10, now=0.0)
+    mine = [a.begin("10.0.0.1", expected=10 + 10 * i, now=0.0) for i in range(16)]
+    dropped = 0
+    for i, upload in enumerate(mine):
+        try:  # the same rate; the later, the more to send: they give way
+            a.grow(upload, 9, now=0.1 * (i + 1))
+        except UploadDropped:
+            dropped += 1
+        assert a.held_by_client["10.0.0.1"] <= 32
+    assert a.held_by_client["10.0.0.1"] == 27 and dropped == 13
+    assert [u.dropped for u in mine[:3]] == [False] * 3  # the nearest to finishing kept
+    assert not other.dropped and a.held == 37
+    a.grow(other, 20, now=2.0)  # room for the other address all along
+    assert not other.dropped and a.held == 57
 
 
 def test_a_piece_of_an_upload_already_dropped_is_never_counted():
@@ -86,7 +132,7 @@ def test_the_accounting_holds_under_any_interleaving(steps):
     """Six uploads from three addresses, pieces and ends in any order, a dropped upload still
     delivering a piece (what the edge sees when a drop and a read cross): ``held`` is always the
     bytes of the uploads in progress, never above the budget, and 0 when none is."""
-    a = admission(budget=1000, per_client=2)
+    a = UploadAdmission(1000, 2, Metrics(), bytes_per_client=600)
     uploads: dict[int, object] = {}
     now = 0.0
     for who, action, size in steps:
@@ -108,9 +154,12 @@ def test_the_accounting_holds_under_any_interleaving(steps):
         assert a.held == sum(u.received for u in a.uploads) <= a.budget
         assert all(not u.dropped for u in a.uploads)
         assert sum(a.by_client.values()) == len(a.uploads)
+        for client, held in a.held_by_client.items():
+            assert held == sum(u.received for u in a.uploads if u.client == client)
+            assert held <= a.bytes_per_client
     for upload in uploads.values():
         a.finish(upload)
-    assert a.held == 0 and not a.by_client
+    assert a.held == 0 and not a.by_client and not a.held_by_client
 
 
 def test_a_place_per_client_and_finish_gives_it_back():
@@ -415,3 +464,60 @@ def test_upload_accounting_under_concurrent_piecewise_uploads(service, figures):
         f"over {len(held)} samples, {after:.0f} after",
         f"lone upload: {status_line.decode()}",
     )
+
+
+@pytest.mark.slow
+def test_one_address_cannot_hold_the_buffer_others_need(service):
+    """The review's attack, scaled (16 uploads x 10 MiB against 128 MiB): one address opens 16
+    uploads of 2 MiB against an 8 MiB buffer and sends all but 10 bytes of each (nearly finished,
+    they were never dropped and filled the buffer). It now holds its 2 MiB
+    (SSD_UPLOAD_BYTES_PER_CLIENT's default, a quarter of the buffer) at most; three other
+    addresses then upload 1.9 MB bodies in pieces at once, and every one is answered 200."""
+    budget, body_cap = 8 << 20, 2 << 20
+    _, url = service(
+        SSD_UPLOAD_BUFFER_BYTES=str(budget),
+        SSD_MAX_BODY_BYTES=str(body_cap),
+        SSD_MAX_UPLOADS_PER_CLIENT="16",
+    )
+    port = port_of(url)
+    hog, hog_ctype = multipart(image=random.Random(2).randbytes(body_cap - 300))
+    hogs = []
+    for _ in range(16):
+        s = socket.socket()
+        s.bind(("127.0.0.9", 0))
+        s.settimeout(30)
+        s.connect(("127.0.0.1", port))
+        with contextlib.suppress(OSError):  # dropped while sending: answered 503, closed
+            s.sendall(request_head(port, len(hog), hog_ctype) + hog[:-10])
+        hogs.append(s)
+    time.sleep(0.5)
+    held_by_hog = metric(url, "ssd_upload_buffer_bytes")
+    assert 0 < held_by_hog <= budget // 4, held_by_hog
+
+    rng = np.random.default_rng(0)  # a photo-sized JPEG of noise: about 1.9 MB
+    noise = Image.fromarray(rng.integers(0, 256, (1100, 1450, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG", quality=95)
+    body, ctype = multipart(image=buf.getvalue())
+    assert 1_500_000 < len(body) < body_cap
+    answers: list[bytes] = []
+
+    def legit(address: str) -> None:
+        with socket.socket() as s:
+            s.bind((address, 0))
+            s.settimeout(60)
+            s.connect(("127.0.0.1", port))
+            s.sendall(request_head(port, len(body), ctype))
+            for at in range(0, len(body), 65536):
+                s.sendall(body[at : at + 65536])
+                time.sleep(0.005)
+            answers.append(s.recv(64).split(b"\r\n")[0])
+
+    threads = [threading.Thread(target=legit, args=(f"127.0.0.{20 + i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [b"HTTP/1.1 200 OK"] * 3, answers
+    for s in hogs:
+        s.close()
