@@ -216,10 +216,6 @@ def train_model(root: Path, seed: int = 0, epochs: int = 15) -> Path:
 def write_clip(path: Path, c: Canvas, frames: int = 4, fps: int = 10) -> Path:
     """An H.264 clip of a canvas standing still for ``frames`` frames (its objects where the
     canvas has them)."""
-    import av
+    from devtools.videos import still_clip
 
-    from devtools.videos import _encode_all, _video_stream
-
-    picture = av.VideoFrame.from_image(c.image)
-    _encode_all(*_video_stream(path, "libx264", fps, c.image.size), [picture] * frames)
-    return path
+    return still_clip(path, c.image, frames, fps)

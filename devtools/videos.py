@@ -184,6 +184,13 @@ def plain_clip(
     return path
 
 
+def still_clip(path: Path, image: Image.Image, frames: int = 4, fps: int = 10) -> Path:
+    """An H.264 clip of ``image`` standing still for ``frames`` frames."""
+    picture = av.VideoFrame.from_image(image.convert("RGB"))
+    _encode_all(*_video_stream(path, "libx264", fps, image.size), [picture] * frames)
+    return path
+
+
 def audio_only(path: Path, seconds: float = 1.0) -> Path:
     """An MP4 with one AAC audio stream and no video."""
     container = av.open(str(path), "w", format="mp4")

@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             settings.request_timeout_s,
             metrics,
             dct_scaling=settings.jpeg_dct_scaling,
-            max_tiles=settings.max_tiles,
+            max_tiles=settings.tile_budget,
             tile_merge=settings.tile_merge,
         )
         app.state.in_flight = InFlight(settings.max_in_flight, metrics)

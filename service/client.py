@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return list_classes(args.url, headers, args.timeout)
     if not args.paths:
         p.error("give image files or folders (or --list-classes)")
+    if args.tile_size and not args.tiles:
+        p.error("--tile-size goes with --tiles auto")
     files = collect(args.paths)
     args.out.mkdir(parents=True, exist_ok=True)
     params = {

@@ -136,14 +136,29 @@ class Pipeline:
         return body
 
     async def _infer(self, pixels: list[np.ndarray], t0: float, pin: object) -> list[BatchResult]:
+        return await self.infer_one_version(pixels, t0 + self.timeout_s, pin)
+
+    async def infer_one_version(
+        self,
+        pixels: list[np.ndarray],
+        deadline: float,
+        pin: object,
+        background: bool = False,
+        first: list[BatchResult] | None = None,
+    ) -> list[BatchResult]:
         """Candidates for every image, all from one version. Where the server picks the version
-        (Triton) and moved to another one between two batches of this request, the request's
-        images are run again (a switch is rare and quick; the embedded backend pins instead)."""
-        deadline = t0 + self.timeout_s
+        (Triton) and moved to another one between two batches of these images, they are run
+        again (a switch is rare and quick; the embedded backend pins instead). ``first``: the
+        results of a submission already made (a video frame's)."""
+        results = first
         for _ in range(1 + MAX_VERSION_RETRIES):
-            results = await self.batcher.submit(pixels, deadline=deadline, pin=pin)
+            if results is None:
+                results = await self.batcher.submit(
+                    pixels, deadline=deadline, pin=pin, background=background
+                )
             if len({r.candidates.version for r in results}) == 1:
                 return results
+            results = None
         raise BackendUnavailable("the model version changed during the request; retry it")
 
     async def _decode(

@@ -213,7 +213,8 @@ class Settings(BaseSettings):
         64,
         ge=1,
         description="model runs (tiles and whole images) one request may cause; tiles=auto "
-        "grows its tiles to stay within it, a grid beyond it gets 422",
+        "grows its tiles to stay within it, a grid beyond it gets 422. Must not exceed "
+        "SSD_BATCH_MAX_QUEUED_IMAGES; left unset, a smaller queue lowers it to its size",
     )
     tile_size: int = Field(
         600,
@@ -268,12 +269,20 @@ class Settings(BaseSettings):
                 f"(at least SSD_MAX_FILES={self.max_files} and "
                 f"SSD_BATCH_MAX_SIZE={self.batch_max_size})"
             )
-        if self.batch_max_queued_images < self.max_tiles:
+        if "max_tiles" in self.model_fields_set and self.batch_max_queued_images < self.max_tiles:
             raise ValueError(
                 "SSD_BATCH_MAX_QUEUED_IMAGES must hold a whole tiled request (at least "
                 f"SSD_MAX_TILES={self.max_tiles})"
             )
         return self
+
+    @property
+    def tile_budget(self) -> int:
+        """Model runs per request: ``SSD_MAX_TILES``; left at its default, no more than the
+        queue holds (a smaller queue lowers it rather than being refused)."""
+        if "max_tiles" in self.model_fields_set:
+            return self.max_tiles
+        return min(self.max_tiles, self.batch_max_queued_images)
 
     @property
     def client_upload_bytes(self) -> int:

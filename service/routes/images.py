@@ -59,7 +59,7 @@ def detect_params(settings: Settings) -> Callable[..., DetectParams]:
     return params
 
 
-_GRID = re.compile(r"(\d{1,3})x(\d{1,3})")
+_GRID = re.compile(r"([0-9]{1,3})x([0-9]{1,3})")
 
 
 def tile_params(settings: Settings) -> Callable[..., TileSpec | None]:

@@ -208,7 +208,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             slots.take()
             running = True
             worker = await DecodeWorker.start(
-                path, params.fps, limits, tiles=tiles, max_runs=settings.max_tiles
+                path, params.fps, limits, tiles=tiles, max_runs=settings.tile_budget
             )
             try:  # the header and the first frame: an unusable video is a 4xx, not a line
                 async with asyncio.timeout(settings.request_timeout_s):
@@ -234,7 +234,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                 video.duration_s,
             )
             # one batch at the model, one waiting (of a frame's tiles, at least two frames)
-            runs = tiles.plan(video.width, video.height, settings.max_tiles).runs if tiles else 1
+            runs = tiles.plan(video.width, video.height, settings.tile_budget).runs if tiles else 1
             window = max(2, 2 * settings.batch_max_size // runs)
             run = VideoRun(pipe, worker, video, params, window, request.state.request_id, first)
         except BaseException:

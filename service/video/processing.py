@@ -74,6 +74,11 @@ class _Stages:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _inputs(frame: Frame) -> list[np.ndarray]:
+    """The model inputs of a frame: the frame, or its tiles."""
+    return list(frame.pixels) if frame.pixels.ndim == 4 else [frame.pixels]
+
+
 class VideoRun:
     """One video: iterate :meth:`lines` for the response body."""
 
@@ -126,7 +131,7 @@ class VideoRun:
                         reading = False
                         break
                     work = self.pipe.batcher.submit(
-                        list(frame.pixels) if frame.pixels.ndim == 4 else [frame.pixels],
+                        _inputs(frame),
                         deadline=time.perf_counter() + self.pipe.timeout_s,
                         pin=pin,
                         background=True,
@@ -137,6 +142,14 @@ class VideoRun:
                 frame, future = pending.popleft()
                 t = time.perf_counter()
                 results: list[BatchResult] = await future
+                if len(results) > 1:  # a frame's tiles: all from one version, as for an image
+                    results = await self.pipe.infer_one_version(
+                        _inputs(frame),
+                        time.perf_counter() + self.pipe.timeout_s,
+                        pin,
+                        background=True,
+                        first=results,
+                    )
                 result = results[0]
                 stages.model_wait += time.perf_counter() - t
                 line: dict = {"frame": frame.index, "pts_s": round(frame.pts_s, 6)}

@@ -5,6 +5,7 @@ are known and their mapping back to the image can be checked to the pixel."""
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import numpy as np
@@ -12,8 +13,10 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from devtools.videos import still_clip
 from service.backends import Candidates, ModelInfo, Refresh, VersionsState
 from service.settings import Settings
+from ssdcore.labels import ClassList
 from ssdcore.tiling import grid_plan
 from tests.service.conftest import run_service
 
@@ -210,3 +213,65 @@ def test_a_batch_of_images_whose_grids_together_exceed_the_limit_gets_422(live):
     r = httpx.post(service.url + "/v1/detect", params={"tiles": "3x2"}, files=files, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_tiles"  # 3 x 7 > 20
     assert backend.inputs == before
+
+
+class RolloutMidRequest(RedSquares):
+    """Fault injection: a server that picks the version itself (Triton) and moves from version 1
+    to 2 after its first call, as in a rollout. Version 1 says class 2 ("car") of its list,
+    version 2 class 1 ("dog") of its own: a name from one version on the other's boxes shows."""
+
+    V1 = ModelInfo("m", "1", "test", K, False, classes=ClassList((1, 2), ("person", "car")))
+    V2 = ModelInfo("m", "2", "test", K, False, classes=ClassList((1, 2), ("dog", "cat")))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info, self.calls = self.V1, 0
+
+    def info_for(self, version: str) -> ModelInfo:
+        return self.V1 if version == "1" else self.V2
+
+    async def infer(self, images, timeout=None, pin=None) -> Candidates:
+        found = await super().infer(images, timeout, pin)
+        self.calls += 1
+        version = "1" if self.calls == 1 else "2"
+        label = np.full_like(found.classes, 2 if version == "1" else 1)
+        return Candidates(found.boxes, found.scores, label, version)
+
+
+def test_a_frames_tiles_and_an_images_tiles_come_from_one_version_during_a_rollout(tmp_path):
+    """Batches of 2 and 7 runs per picture: the first picture's tiles are answered by two
+    versions. Its boxes must all be one version's, named from that version's list (a video
+    frame used to be merged and named as the first batch's version said)."""
+    expected = {"1": {"car"}, "2": {"dog"}}
+    settings = Settings(model_poll_s=0, max_tiles=20, batch_max_queued_images=64, batch_max_size=2)
+    image = Image.open(io.BytesIO(picture()))
+    clip = still_clip(tmp_path / "still.mp4", image, frames=3)
+    for route in ("/v1/videos", "/v1/detect"):
+        backend = RolloutMidRequest()
+        with run_service(settings, backend) as service:
+            if route == "/v1/videos":
+                files = {"video": ("still.mp4", clip.read_bytes(), "video/mp4")}
+            else:
+                files = {"image": ("a.png", picture(), "image/png")}
+            r = httpx.post(service.url + route, params={"tiles": "3x2"}, files=files, timeout=120)
+        assert r.status_code == 200, r.text
+        if route == "/v1/videos":
+            answers = [json.loads(line) for line in r.text.splitlines()]
+            frames = [a for a in answers if "frame" in a]
+        else:
+            frames = [{**r.json()["images"][0], "model_version": r.json()["model"]["version"]}]
+        assert len(frames) == (3 if route == "/v1/videos" else 1)
+        assert backend.calls > 4  # 7 runs in batches of 2: at least one frame ran twice
+        for frame in frames:
+            names = {d["label"] for d in frame["detections"]}
+            assert names == expected[frame["model_version"]], (route, frame)
+
+
+def test_the_tile_budget_fits_the_queue():
+    """A whole tiled request must fit the batcher's queue: SSD_MAX_TILES set above it is refused;
+    left at its default, a smaller queue lowers it (a queue of 16 was valid before tiles)."""
+    assert Settings(batch_max_queued_images=16, max_files=16).tile_budget == 16
+    assert Settings().tile_budget == 64
+    with pytest.raises(ValueError, match="SSD_MAX_TILES=64"):
+        Settings(batch_max_queued_images=16, max_files=16, max_tiles=64)
+    assert Settings(batch_max_queued_images=16, max_files=16, max_tiles=8).tile_budget == 8
