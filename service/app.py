@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             settings.batch_max_queued_images,
         )
         batcher.start()
-        follower = VersionFollower(be, settings.model_poll_s, metrics)
+        follower = VersionFollower(be, settings.model_poll_s, metrics, settings.model_stale_after_s)
         follower.start()
         app.state.follower = follower
         pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")

@@ -55,6 +55,13 @@ class Metrics:
             "ssd_model_version_switches", "Moves to another model version", ["model"],
             registry=self.registry,
         )  # fmt: skip
+        self.model_stale = Gauge(
+            "ssd_model_stale_seconds",
+            "How long the newest version in the repository has not been served, once that is "
+            "longer than SSD_MODEL_STALE_AFTER_S (0: not stale)",
+            ["model"],
+            registry=self.registry,
+        )
         self.versions_refused = Counter(
             "ssd_model_versions_refused",
             "New model versions refused (failed to load, inconsistent class list, failed warm-up)",

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="seconds between two checks of the repository for a new or retired "
         "version (0: only on SIGHUP); SIGHUP checks at once",
     )
+    model_stale_after_s: float = Field(
+        180.0,
+        gt=0,
+        description="the newest version in the repository not served for this long is reported "
+        "stale (GET /v1/models, ssd_model_stale_seconds, a warning in the log, the page): the "
+        "polling period of Triton or of the S3 sync, plus loading and warming up, with margin",
+    )
 
     # micro-batching in front of the backend
     batch_max_size: int = Field(8, ge=1, le=256, description="images per backend call at most")

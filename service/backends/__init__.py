@@ -55,6 +55,8 @@ class VersionsState:
     present: list[str] = field(default_factory=list)
     refused: dict | None = None  # {"version", "reason", "at"}: the last version refused
     switched_at: float | None = None  # time.time() of the last switch
+    # the newest version on disk, not served for longer than the bound (VersionFollower)
+    stale: dict | None = None  # {"newest", "served", "since", "last_error"}
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,11 @@ class OnnxBackend:
 
     # ------------------------------------------------------------------ requests
 
+    def load_error(self, version: str) -> str | None:
+        """Why ``version`` is not served, where it was refused."""
+        refused = self.versions.refused
+        return refused["reason"] if refused and refused["version"] == version else None
+
     def pin(self) -> LoadedVersion:
         loaded = self.current
         loaded.users += 1

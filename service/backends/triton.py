@@ -9,10 +9,12 @@ settings, never from a request; model metadata is checked against the contract a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +57,30 @@ def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "")
 
 
-class TritonBackend:
-    """The gateway's side of a Triton server that serves the newest version of one model.
+@dataclass(frozen=True, eq=False)
+class TritonPin:
+    """The version a request's calls name (``model_version``), with its class list."""
 
-    Triton runs with ``--model-control-mode=explicit`` and the model's version policy
-    ``latest: 1``. When a new version appears in the repository, :meth:`refresh` checks its
-    class list and asks Triton to load the model again: Triton loads the new version beside the
-    served one, moves requests to it once ready and unloads the old one; a version that fails to
-    load leaves the served one in place (measured with Triton 2.51: no failed request either
-    way). Every response names the version that produced it, and its classes are that
-    version's, read from the repository when the version first appears.
+    version: str
+    info: ModelInfo
+
+
+class TritonBackend:
+    """The gateway's side of Triton servers that serve the newest version of one model.
+
+    The model's version policy is ``latest: 2``: the new version and the one before stay loaded
+    together. Explicit mode (``--model-control-mode=explicit``): when a new version appears in
+    the repository, :meth:`refresh` checks its class list and asks Triton to load the model
+    again; a version that fails to load leaves the served one in place. Poll mode (the Helm
+    chart): each Triton loads new versions by itself.
+
+    The served version is the highest one READY on every Triton behind the URL (each address
+    of a ``dns:///`` or ``ipv4:``/``ipv6:`` URL asked apart), and every call names it
+    (``model_version``): while pods poll at different moments, the one before is still loaded
+    everywhere, so requests balanced over pods all get one version and a request's batches are
+    never answered by two (they used to flip-flop between the pods' versions, and requests of
+    several batches failed). Its classes are that version's, read from the repository when the
+    version first appears.
     """
 
     def __init__(
@@ -90,6 +106,10 @@ class TritonBackend:
         self._addresses: frozenset | None = None
         self._retired: list[tuple[float, grpcaio.InferenceServerClient]] = []
         self._labelled = False  # the served version's class list is known
+        self._pin: TritonPin | None = None  # one object per served version (the batcher's key)
+        self._pod_clients: dict[str, grpcaio.InferenceServerClient] = {}
+        self._not_ready: dict[str, str] = {}  # version -> Triton's state and reason
+        self._stray: set[int] = set()  # READY on Triton, gone from the repository
 
     async def start(self, wait_s: float = 60.0) -> None:
         self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
@@ -115,8 +135,7 @@ class TritonBackend:
         self.versions.served = served
         self.versions.present = self._present()
         try:
-            self.info = self.info_for(served)
-            self._labelled = True
+            self._serve(served, self.info_for(served))
         except BackendUnavailable as exc:
             if self.store is None or self.store.newest() is not None:
                 # the repository has versions, and not this one's class list: never guess
@@ -127,21 +146,76 @@ class TritonBackend:
                         "until its class list arrives", served, self.model_name,
                         self.store.path)  # fmt: skip
 
-    async def _served_version(self) -> str:
-        """The highest version Triton has READY."""
-        index = await self.client.get_model_repository_index(
-            as_json=True, client_timeout=self.timeout_s
-        )
-        ready = [
-            int(m["version"])
+    def _serve(self, version: str, info: ModelInfo) -> None:
+        self.info = info
+        self.versions.served = version
+        self._labelled = True
+        self._pin = TritonPin(version, info)
+
+    async def _ready_versions(self, client: grpcaio.InferenceServerClient) -> set[int]:
+        index = await client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+        mine = [
+            m
             for m in index.get("models", [])
-            if m.get("name") == self.model_name
-            and m.get("state") == "READY"
-            and str(m.get("version", "")).isdigit()
+            if m.get("name") == self.model_name and str(m.get("version", "")).isdigit()
         ]
+        for m in mine:  # what Triton says of the versions it has not made ready
+            if m.get("state") != "READY":
+                reason = f": {m['reason']}" if m.get("reason") else ""
+                self._not_ready[m["version"]] = f"{m.get('state', 'UNKNOWN')}{reason}"
+            else:
+                self._not_ready.pop(m["version"], None)
+        return {int(m["version"]) for m in mine if m.get("state") == "READY"}
+
+    def load_error(self, version: str) -> str | None:
+        """What Triton said of ``version`` (or that it never tried it, and what it is stuck on)."""
+        if version in self._not_ready:
+            return f"Triton: version {version} {self._not_ready[version]}"
+        refused = self.versions.refused
+        if refused and refused["version"] == version:
+            return refused["reason"]
+        others = "; ".join(f"version {v} {s}" for v, s in sorted(self._not_ready.items()))
+        return f"Triton has not tried to load version {version}" + (
+            f" ({others})" if others else ""
+        )
+
+    async def _served_version(self) -> str:
+        """The highest version READY on every Triton behind the URL that answers."""
+        pods = self._pods()
+        if len(pods) <= 1:
+            ready = await self._ready_versions(self.client)
+        else:
+            answers = []
+            for target in pods:
+                client = self._pod_clients.get(target)
+                if client is None:
+                    client = self._pod_clients[target] = grpcaio.InferenceServerClient(
+                        target, channel_args=CHANNEL_ARGS
+                    )
+                try:
+                    answers.append(await self._ready_versions(client))
+                except InferenceServerException:
+                    continue  # a pod that does not answer gets no requests either
+            if not answers:
+                raise BackendUnavailable(f"no Triton behind {self.url} answers")
+            ready = set.intersection(*answers)
+        if self.store is not None:  # not a version retired from the repository (a rollback)
+            on_disk = {v.number for v in self.store.with_metadata()}
+            if ready & on_disk:
+                self._stray = ready - on_disk
+                ready &= on_disk
         if not ready:
-            raise BackendUnavailable(f"no version of {self.model_name!r} is ready on Triton")
+            raise BackendUnavailable(f"no version of {self.model_name!r} is ready on every Triton")
         return str(max(ready))
+
+    def _pods(self) -> list[str]:
+        """One gRPC target per Triton behind the URL: the addresses a ``dns:///`` name resolves
+        to, those an ``ipv4:``/``ipv6:`` URL lists; else the URL itself."""
+        if self._addresses:
+            return sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._addresses)
+        if self.url.startswith(("ipv4:", "ipv6:")):
+            return self.url.split(":", 1)[1].split(",")
+        return [self.url]
 
     def _present(self) -> list[str]:
         return [v.label for v in self.store.versions()] if self.store else [self.versions.served]
@@ -190,26 +264,38 @@ class TritonBackend:
         self._addresses = addresses
         self._retired.append((now + 2 * self.timeout_s + 1, self.client))
         self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        for client in self._pod_clients.values():  # asked in turn, no request in flight
+            await client.close()
+        self._pod_clients.clear()
 
     async def refresh(self) -> Refresh:
         await self._follow_addresses()
         self.versions.present = self._present()
+        old = self.versions.served if self._labelled else ""
+        # first the served version Triton has: after a rollback, the version before is still
+        # loaded (latest: 2) and requests move to it before Triton unloads the retired one
+        await self._follow_served()
         refused = None
         newest = self.store.newest() if self.store else None
         if newest is not None and newest.label != self.versions.served:
             refused = await self._offer(newest)
+            await self._follow_served()
+        elif self._stray and self.model_control == "explicit":
+            with contextlib.suppress(InferenceServerException):  # unload the retired versions
+                await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
+            self._stray = set()
+        if self.versions.served == old or not self._labelled:
+            return Refresh(refused=refused)
+        self.versions.switched_at = time.time()
+        return Refresh(switched_to=self.versions.served, switched_from=old, refused=refused)
+
+    async def _follow_served(self) -> None:
         try:
             served = await self._served_version()
         except (InferenceServerException, BackendUnavailable):
-            return Refresh(refused=refused)
-        if served == self.versions.served and self._labelled:
-            return Refresh(refused=refused)
-        old = self.versions.served if self._labelled else ""
-        self.info = self.info_for(served)
-        self._labelled = True
-        self.versions.served = served
-        self.versions.switched_at = time.time()
-        return Refresh(switched_to=served, switched_from=old, refused=refused)
+            return
+        if served != self.versions.served or not self._labelled:
+            self._serve(served, self.info_for(served))
 
     async def _offer(self, version: ModelVersion) -> tuple[str, str] | None:
         """Ask Triton to load the model again, ``version`` being the newest one on disk and not
@@ -245,14 +331,16 @@ class TritonBackend:
         self._infos.pop(version.label, None)
         return version.label, reason
 
-    def pin(self) -> None:
-        return None  # Triton picks the version; each result says which
+    def pin(self) -> TritonPin | None:
+        """The served version, named in each call of the request (None before it is labelled:
+        Triton picks, and the answer cannot be labelled)."""
+        return self._pin
 
-    def unpin(self, pin: None) -> None:
-        return None
+    def unpin(self, pin: TritonPin | None) -> None:
+        return None  # Triton keeps the version before the newest loaded (latest: 2)
 
     async def infer(
-        self, images: np.ndarray, timeout: float | None = None, pin: None = None
+        self, images: np.ndarray, timeout: float | None = None, pin: TritonPin | None = None
     ) -> Candidates:
         inp = grpcclient.InferInput(TENSOR_NAMES.images, list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
@@ -260,7 +348,11 @@ class TritonBackend:
         deadline = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
         try:
             result = await self.client.infer(
-                self.model_name, [inp], outputs=outputs, client_timeout=deadline
+                self.model_name,
+                [inp],
+                model_version=pin.version if pin is not None else "",
+                outputs=outputs,
+                client_timeout=deadline,
             )
         except InferenceServerException as exc:
             status, message = _status(exc), exc.message() or str(exc)
@@ -299,5 +391,8 @@ class TritonBackend:
         for _, client in self._retired:
             await client.close()
         self._retired.clear()
+        for client in self._pod_clients.values():
+            await client.close()
+        self._pod_clients.clear()
         if self.client is not None:
             await self.client.close()

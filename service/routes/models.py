@@ -41,6 +41,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                         "present": versions.present,
                         "refused": versions.refused,
                         "switched_at": versions.switched_at,
+                        "stale": versions.stale,
                     },
                 }
             ],

@@ -23,7 +23,7 @@ from service.settings import Settings
 from ssdcore.labels import COCO, ClassList
 from ssdcore.repository import MODEL_NAMES, ModelStore
 from tests.service.conftest import run_service, start_service, triton_settings
-from tests.service.versions import copy_version, write_version
+from tests.service.versions import copy_version, truncated_copy, write_version
 
 pytestmark = pytest.mark.slow
 JPEG = encode(photo(320, 240, seed=5), "JPEG")
@@ -194,16 +194,6 @@ def test_sighup_checks_at_once(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == 0
-
-
-def truncated_copy(repo: Path, store: ModelStore, seed: int) -> int:
-    """A version whose model file was cut short after its export (a copy that died)."""
-    scratch = repo.parent / f"scratch-{seed}"
-    number = write_version(scratch, "onnx", seed, COCO, version=store.next_number())
-    model_file = ModelStore(scratch, store.name).version(number).file("model.onnx")
-    model_file.write_bytes(model_file.read_bytes()[:4096])
-    ModelStore(scratch, store.name).version(number).path.rename(store.version(number).path)
-    return number
 
 
 def test_a_rollback_behind_a_refused_version_serves_the_newest_servable_one(tmp_path):

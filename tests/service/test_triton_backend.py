@@ -177,3 +177,57 @@ def test_new_channel_when_the_name_resolves_to_other_addresses(monkeypatch):
 
     asyncio.run(scenario())
     assert calls[0] == ("triton-pods.ns.svc", "8001")
+
+
+def test_pods_polling_at_different_moments_serve_one_version(tmp_path):
+    """Two Triton pods in poll mode while a version rolls out: pod A has version 1 only, pod B
+    has 1 and 2 already (the policy keeps the last two). The gateway, balancing over both
+    (``ipv4:A,B``, round robin), serves the version READY on every pod and names it in each
+    call: every answer is version 1, requests of several batches included, and no request
+    fails; once A has version 2 too, every answer is version 2 and none goes back to 1. (The
+    gateway used to take whichever pod it asked for the served version, flip-flop, and fail
+    requests whose batches two pods answered with two versions.)"""
+    import shutil
+    import time
+
+    from devtools.triton_server import start_triton
+    from ssdcore.repository import ModelStore
+    from tests.service.versions import copy_version, write_version
+
+    repo_a, repo_b = tmp_path / "a", tmp_path / "b"
+    write_version(repo_a, "python", 1)
+    shutil.copytree(repo_a, repo_b)
+    write_version(repo_b, "python", 2, version=2)
+    pods = [
+        start_triton(repo, [], tmp_path / f"triton-{name}.log", poll_s=1)
+        for name, repo in (("a", repo_a), ("b", repo_b))
+    ]
+    try:
+        url = "ipv4:" + ",".join(pod.grpc_url for pod in pods)
+        settings = triton_settings(
+            url, repo_b, triton_model_control="poll", model_poll_s=0.2, batch_max_size=2
+        )
+        files = [("images", (f"{i}.jpg", encode(photo(seed=i), "JPEG"))) for i in range(5)]
+        with run_service(settings) as live, live.client() as c:
+
+            def versions_answered(n: int) -> list[str]:
+                answered = []
+                for _ in range(n):
+                    r = c.post("/v1/detect", files=files)  # 5 images: 3 batches
+                    assert r.status_code == 200, (r.text, pods[0].log()[-2000:])
+                    answered.append(r.json()["model"]["version"])
+                return answered
+
+            assert set(versions_answered(12)) == {"1"}
+            assert c.get("/v1/models").json()["models"][0]["versions"]["served"] == "1"
+            store_a = ModelStore(repo_a, "ssd300_python")
+            copy_version(ModelStore(repo_b, "ssd300_python").version(2).path, store_a, 2)
+            seen, deadline = [], time.monotonic() + 60
+            while not seen or seen[-1] != "2":
+                assert time.monotonic() < deadline, (seen, pods[0].log()[-2000:])
+                seen += versions_answered(1)
+            assert set(versions_answered(12)) == {"2"}
+            assert "1" not in seen[seen.index("2") :]
+    finally:
+        for pod in pods:
+            pod.stop()

@@ -40,3 +40,13 @@ def copy_version(source: Path, store: ModelStore, number: int) -> None:
     meta = json.loads((staging / "metadata.json").read_text())
     (staging / "metadata.json").write_text(json.dumps({**meta, "version": number}))
     staging.rename(store.version(number).path)
+
+
+def truncated_copy(repo: Path, store: ModelStore, seed: int) -> int:
+    """A version whose model file was cut short after its export (a copy that died)."""
+    scratch = repo.parent / f"scratch-{seed}"
+    number = write_version(scratch, "onnx", seed, COCO, version=store.next_number())
+    model_file = ModelStore(scratch, store.name).version(number).file("model.onnx")
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    ModelStore(scratch, store.name).version(number).path.rename(store.version(number).path)
+    return number

@@ -119,7 +119,7 @@ def test_checked_in_configs_are_the_generated_ones(fmt):
     folder = ROOT / "model_repository" / MODEL_NAMES[fmt]
     assert (folder / "config.pbtxt").read_text() == triton_config(fmt, ExportOptions())
     assert (
-        "version_policy: { latest: { num_versions: 1 } }" in (folder / "config.pbtxt").read_text()
+        "version_policy: { latest: { num_versions: 2 } }" in (folder / "config.pbtxt").read_text()
     )
 
 

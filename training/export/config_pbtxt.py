@@ -32,8 +32,10 @@ def triton_config(fmt: str, opts: ExportOptions, num_classes: int = SPEC.num_cla
     It depends on the export options only (and, for the raw model, on the class count), never
     on the weights or the class list: those belong to each version (its metadata.json and
     classes.json), so a new version with other classes rolls out under the same config, and
-    the checked-in configs stay valid for every export. Triton serves the newest version
-    (``version_policy``); a version whose files fail to load is not served.
+    the checked-in configs stay valid for every export. Triton keeps the two newest versions
+    loaded (``version_policy``): the gateway names the one it serves in each call, and while
+    Triton pods pick up a new version at different moments every pod still has the one before;
+    a version whose files fail to load is not served.
     """
     n = TENSOR_NAMES
     size = SPEC.image_size
@@ -98,7 +100,7 @@ def triton_config(fmt: str, opts: ExportOptions, num_classes: int = SPEC.num_cla
             '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
             "} ] } }",
         ]
-    lines.append("version_policy: { latest: { num_versions: 1 } }")
+    lines.append("version_policy: { latest: { num_versions: 2 } }")
     params = {"topk": str(opts.topk)}
     if fmt == "python":
         params["intra_op_threads"] = "0"
