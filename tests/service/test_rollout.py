@@ -258,3 +258,37 @@ def test_a_version_that_fails_its_checks_in_any_way_is_refused(tmp_path, monkeyp
         await backend.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.triton
+def test_triton_a_rollback_behind_a_refused_version_serves_the_newest_servable_one(tmp_path):
+    """Explicit mode: v1, v2 served, v3 broken (refused). Retiring v2 must bring v1 back (Triton
+    still has it loaded: the policy keeps the last two), not keep answering with the retired v2
+    because the newest version on disk is the refused v3 (the gateway used to stop there and
+    never ask Triton for anything)."""
+    repo = tmp_path / "repo"
+    write_version(repo, "python", 1)
+    write_version(repo, "python", 2)
+    store = ModelStore(repo, "ssd300_python")
+    scratch = ModelStore(tmp_path / "scratch", "ssd300_python")
+    broken = write_version(scratch.root, "python", 3, version=3)
+    model_file = scratch.version(broken).file("model.onnx")
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    with running_triton(repo, ["ssd300_python"], tmp_path / "triton.log") as server:
+        settings = triton_settings(server.grpc_url, repo, model_poll_s=0.2)
+        with run_service(settings) as live, live.client() as c:
+            scratch.version(broken).path.rename(store.version(broken).path)
+            deadline = time.monotonic() + 30
+            while (models(live.url)["versions"]["refused"] or {}).get("version") != "3":
+                assert time.monotonic() < deadline, models(live.url)
+                time.sleep(0.1)
+            r = c.post("/v1/detect", files={"image": ("a.jpg", JPEG)})
+            assert r.json()["model"]["version"] == "2"
+            store.retire(2)
+            while (r := c.post("/v1/detect", files={"image": ("a.jpg", JPEG)})).json()["model"][
+                "version"
+            ] != "1":
+                assert r.status_code == 200, r.text
+                assert time.monotonic() < deadline + 30, models(live.url)
+                time.sleep(0.1)
+            assert models(live.url)["versions"]["served"] == "1"
