@@ -19,7 +19,10 @@
 # refused. A version rolled back with
 #   aws s3 rm --recursive s3://BUCKET/PREFIX/MODEL/N/ &&
 #   aws s3 cp - s3://BUCKET/PREFIX/MODEL/.retired-N </dev/null
-# is not published again.
+# is not published again. A version's identity is its metadata.json (its files' digests), not
+# its number: where S3 holds version N of another export (MODEL/N/metadata.json differs), the
+# publish stops before uploading anything (exit 2); a MODEL/.next-N/ of another export (a publish
+# that stopped in its wait: Triton never saw it) is replaced, and the sidecars replace their copy.
 #
 # usage: deploy/s3_publish.sh DIR s3://BUCKET/PREFIX
 # It checks DIR first (python -m ssdcore.repository --check, what training.export --check runs):
@@ -77,6 +80,32 @@ if [ -z "$publishable" ] && [ "$skipped" -gt 0 ]; then
   echo "$0: nothing in $dir can be published (export --formats onnx, onnx_int8 or torchscript)" >&2
   exit 2
 fi
+
+differs() {  # $1: a metadata.json key under DEST, $2: the local one; 0 when S3's differs
+  aws $endpoint s3 cp "$dest/$1" "$tmp/remote.json" --only-show-errors || {
+    echo "$0: cannot read s3://$bucket/$root$1, nothing is published" >&2
+    exit 3
+  }
+  ! cmp -s "$tmp/remote.json" "$2"
+}
+# versions already in S3 must be these very versions: checked before anything is uploaded
+for version_dir in $publishable; do
+  model=$(basename "$(dirname "$version_dir")"); version=$(basename "$version_dir")
+  exists "$model/.retired-$version" && continue
+  for key in "$model/$version/metadata.json" "$model/.next-$version/metadata.json"; do
+    if [ "$key" = "$model/.next-$version/metadata.json" ]; then  # replaced, unless its
+      set -- "$version_dir"/model.*  # model file is in MODEL/N/ already (Triton may serve it)
+      exists "$model/$version/$(basename "$1")" || continue
+    fi
+    if exists "$key" && differs "$key" "$version_dir/metadata.json"; then
+      echo "$0: version $version of $model in S3 is another export (s3: $key differs from" \
+        "$version_dir/metadata.json): version numbers are not reused. Export into the" \
+        "repository that published it (its numbers go on from the highest), or retire" \
+        "$version in S3 first; nothing published" >&2
+      exit 2
+    fi
+  done
+done
 
 new=""; finish=""
 for version_dir in $publishable; do

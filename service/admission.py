@@ -179,7 +179,7 @@ class UploadAdmission:
         left = self.by_client[client] - 1
         if left:
             self.by_client[client] = left
-            self.held_by_client[client] -= upload.received
+            self.held_by_client[client] = self.held_by_client.get(client, 0) - upload.received
         else:
             del self.by_client[client]
             self.held_by_client.pop(client, None)

@@ -104,11 +104,13 @@ class Pipeline:
                 t_decoded = time.perf_counter()
                 results = await self._infer([p for im in images for p in _inputs(im)], t0, pin)
                 t_inferred = time.perf_counter()
-                # the version that answered: the pinned one, or the one Triton names
+                # the version that answered: the pinned one, or the one Triton names (Triton
+                # answers with another where the pinned one was unloaded under the request)
+                answered = results[0].candidates.version
                 info = (
                     pinned
-                    if pin is not None
-                    else self.backend.info_for(results[0].candidates.version)
+                    if pin is not None and answered == pinned.version
+                    else self.backend.info_for(answered)
                 )
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(

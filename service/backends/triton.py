@@ -57,12 +57,21 @@ def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "")
 
 
-@dataclass(frozen=True, eq=False)
+def _version_gone(exc: InferenceServerException) -> bool:
+    """Triton's answer to a call naming a version it does not have (unloaded, or never)."""
+    message = (exc.message() or "").lower()
+    return "version" in message and ("not at ready state" in message or "unknown" in message
+                                     or "not found" in message)  # fmt: skip
+
+
+@dataclass(eq=False)
 class TritonPin:
-    """The version a request's calls name (``model_version``), with its class list."""
+    """The version a request's calls name (``model_version``), with its class list, and how many
+    requests hold it (a retired version is unloaded only once none does)."""
 
     version: str
     info: ModelInfo
+    users: int = 0
 
 
 class TritonBackend:
@@ -110,6 +119,8 @@ class TritonBackend:
         self._pod_clients: dict[str, grpcaio.InferenceServerClient] = {}
         self._not_ready: dict[str, str] = {}  # version -> Triton's state and reason
         self._stray: set[int] = set()  # READY on Triton, gone from the repository
+        self._stamps: dict[str, tuple[int, int]] = {}  # version -> its metadata.json's stamp
+        self._held: list[TritonPin] = []  # pins of versions no longer served, still in use
 
     async def start(self, wait_s: float = 60.0) -> None:
         self.client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
@@ -129,7 +140,7 @@ class TritonBackend:
         )
         self.topk = check_contract(meta["inputs"], meta["outputs"])
         try:
-            served = await self._served_version()
+            served = (await self._ready_candidates())[0]
         except BackendUnavailable as exc:
             raise RuntimeError(exc.message) from None
         self.versions.served = served
@@ -150,9 +161,13 @@ class TritonBackend:
         self.info = info
         self.versions.served = version
         self._labelled = True
+        if self._pin is not None and self._pin.users:
+            self._held.append(self._pin)  # requests still on it
         self._pin = TritonPin(version, info)
 
-    async def _ready_versions(self, client: grpcaio.InferenceServerClient) -> set[int]:
+    async def _ready_versions(
+        self, client: grpcaio.InferenceServerClient, not_ready: dict[str, str], pod: str = ""
+    ) -> set[int]:
         index = await client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
         mine = [
             m
@@ -160,11 +175,10 @@ class TritonBackend:
             if m.get("name") == self.model_name and str(m.get("version", "")).isdigit()
         ]
         for m in mine:  # what Triton says of the versions it has not made ready
-            if m.get("state") != "READY":
-                reason = f": {m['reason']}" if m.get("reason") else ""
-                self._not_ready[m["version"]] = f"{m.get('state', 'UNKNOWN')}{reason}"
-            else:
-                self._not_ready.pop(m["version"], None)
+            state, reason = m.get("state", "UNKNOWN"), m.get("reason") or ""
+            if state != "READY" and reason != "unloaded":
+                said = f"{state}: {reason}" if reason else state
+                not_ready[m["version"]] = f"{said} (at {pod})" if pod else said
         return {int(m["version"]) for m in mine if m.get("state") == "READY"}
 
     def load_error(self, version: str) -> str | None:
@@ -179,11 +193,15 @@ class TritonBackend:
             f" ({others})" if others else ""
         )
 
-    async def _served_version(self) -> str:
-        """The highest version READY on every Triton behind the URL that answers."""
-        pods = self._pods()
+    async def _ready_candidates(self) -> list[str]:
+        """The versions READY on every Triton behind the URL, highest first; those still in the
+        repository only (not one retired by a rollback), where any is. Where a pod does not
+        answer, the served version is not left for a higher one: that pod still gets requests
+        (round robin), and may not have it."""
+        pods, not_ready = self._pods(), {}
         if len(pods) <= 1:
-            ready = await self._ready_versions(self.client)
+            ready = await self._ready_versions(self.client, not_ready)
+            silent = False
         else:
             answers = []
             for target in pods:
@@ -192,21 +210,24 @@ class TritonBackend:
                     client = self._pod_clients[target] = grpcaio.InferenceServerClient(
                         target, channel_args=CHANNEL_ARGS
                     )
-                try:
-                    answers.append(await self._ready_versions(client))
-                except InferenceServerException:
-                    continue  # a pod that does not answer gets no requests either
+                with contextlib.suppress(InferenceServerException):
+                    answers.append(await self._ready_versions(client, not_ready, target))
             if not answers:
                 raise BackendUnavailable(f"no Triton behind {self.url} answers")
             ready = set.intersection(*answers)
+            silent = len(answers) < len(pods)
+        self._not_ready = not_ready
         if self.store is not None:  # not a version retired from the repository (a rollback)
             on_disk = {v.number for v in self.store.with_metadata()}
+            self._stray = ready - on_disk if ready & on_disk else set()
             if ready & on_disk:
-                self._stray = ready - on_disk
                 ready &= on_disk
+        served = int(self.versions.served) if self.versions.served.isdigit() else None
+        if silent and served in ready:
+            ready = {v for v in ready if v <= served}
         if not ready:
             raise BackendUnavailable(f"no version of {self.model_name!r} is ready on every Triton")
-        return str(max(ready))
+        return [str(v) for v in sorted(ready, reverse=True)]
 
     def _pods(self) -> list[str]:
         """One gRPC target per Triton behind the URL: the addresses a ``dns:///`` name resolves
@@ -229,13 +250,40 @@ class TritonBackend:
         elif not version.isdigit():
             raise BackendUnavailable(f"Triton answered with an unknown version {version!r}")
         else:
+            folder = self.store.version(int(version))
             try:
-                info = version_info(self.store.version(int(version)), "triton", self.topk)
-            except RuntimeError as exc:
+                info = version_info(folder, "triton", self.topk)
+                stamp = folder.stamp()
+            except (RuntimeError, OSError) as exc:
                 # never label one version's boxes with another version's names
                 raise BackendUnavailable(f"version {version} cannot be labelled: {exc}") from None
+            self._stamps[version] = stamp
         self._infos[version] = info
         return info
+
+    def _relabel(self) -> None:
+        """The served version's files rewritten under its number (S3: the sidecar replaced its
+        copy with another export's, a version's identity being its metadata.json): its class
+        list is read again, never the old names kept."""
+        served = self.versions.served
+        if self.store is None or not self._labelled or not served.isdigit():
+            return
+        try:
+            stamp = self.store.version(int(served)).stamp()
+        except OSError:
+            return
+        if stamp == self._stamps.get(served):
+            return
+        log.warning("version %s of %s was rewritten: its class list is read again",
+                    served, self.model_name)  # fmt: skip
+        self._infos.pop(served, None)
+        try:
+            self._serve(served, self.info_for(served))
+        except BackendUnavailable as exc:  # half replaced: unlabelled (503) until it reads
+            self._stamps.pop(served, None)
+            self._labelled, self._pin = False, None
+            log.warning("version %s of %s cannot be labelled: %s", served, self.model_name,
+                        exc.message)  # fmt: skip
 
     async def _resolve(self) -> frozenset | None:
         """The addresses of a ``dns:///NAME:PORT`` URL (None for any other)."""
@@ -275,27 +323,53 @@ class TritonBackend:
         # first the served version Triton has: after a rollback, the version before is still
         # loaded (latest: 2) and requests move to it before Triton unloads the retired one
         await self._follow_served()
+        self._relabel()
         refused = None
         newest = self.store.newest() if self.store else None
         if newest is not None and newest.label != self.versions.served:
             refused = await self._offer(newest)
             await self._follow_served()
         elif self._stray and self.model_control == "explicit":
-            with contextlib.suppress(InferenceServerException):  # unload the retired versions
-                await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
-            self._stray = set()
+            await self._unload_stray()
+        retired = newest is not None and not self._on_disk(self.versions.served)
+        if self.model_control == "explicit" and self._labelled and retired:
+            await self._serve_newest_servable()  # the served one retired, nothing to fall back on
         if self.versions.served == old or not self._labelled:
             return Refresh(refused=refused)
         self.versions.switched_at = time.time()
         return Refresh(switched_to=self.versions.served, switched_from=old, refused=refused)
 
     async def _follow_served(self) -> None:
+        """Serve the highest version READY everywhere whose class list can be read (one that
+        cannot is refused, never served under another version's names)."""
         try:
-            served = await self._served_version()
+            candidates = await self._ready_candidates()
         except (InferenceServerException, BackendUnavailable):
             return
-        if served != self.versions.served or not self._labelled:
-            self._serve(served, self.info_for(served))
+        for version in candidates:
+            if version == self.versions.served and self._labelled:
+                return
+            try:
+                info = self.info_for(version)
+            except BackendUnavailable as exc:
+                if self.store is not None and version.isdigit():
+                    folder = self.store.version(int(version))
+                    if folder.has_metadata() and self._refused.get(folder.number) is None:
+                        with contextlib.suppress(OSError):
+                            self._refuse(folder, folder.stamp(), exc.message)
+                continue
+            self._serve(version, info)
+            return
+
+    async def _unload_stray(self) -> None:
+        """Explicit mode: ask Triton to load the model again, which unloads the versions gone
+        from the repository, once no request holds one of them."""
+        self._held = [p for p in self._held if p.users > 0]
+        if any(int(p.version) in self._stray for p in self._held if p.version.isdigit()):
+            return  # next check
+        with contextlib.suppress(InferenceServerException):
+            await self._load_exactly([int(self.versions.served)])
+        self._stray = set()
 
     async def _offer(self, version: ModelVersion) -> tuple[str, str] | None:
         """Ask Triton to load the model again, ``version`` being the newest one on disk and not
@@ -317,11 +391,51 @@ class TritonBackend:
             return self._refuse(version, stamp, str(exc))
         if self.model_control == "poll":  # each Triton loads it by itself
             return None
+        keep = [int(self.versions.served)] if self._on_disk(self.versions.served) else []
         try:
-            await self.client.load_model(self.model_name, client_timeout=LOAD_TIMEOUT_S)
+            await self._load_exactly([version.number, *keep])
         except InferenceServerException as exc:
             return self._refuse(version, stamp, f"Triton could not load it: {exc.message()}")
         return None
+
+    def _on_disk(self, version: str) -> bool:
+        return (
+            self.store is not None and version.isdigit() and self.store.version(int(version))
+            .has_metadata()
+        )  # fmt: skip
+
+    async def _load_exactly(self, numbers: list[int]) -> None:
+        """Explicit mode: Triton loads these versions of the model and unloads the others (the
+        config's policy made specific for this load): never a version the gateway refused,
+        which ``latest: 2`` would take when it is one of the two newest on disk."""
+        answer = await self.client.get_model_config(
+            self.model_name, as_json=True, client_timeout=self.timeout_s
+        )
+        config = answer["config"]
+        config["version_policy"] = {"specific": {"versions": [str(n) for n in numbers]}}
+        await self.client.load_model(
+            self.model_name, config=json.dumps(config), client_timeout=LOAD_TIMEOUT_S
+        )
+
+    async def _serve_newest_servable(self) -> None:
+        """Explicit mode, the served version gone from the repository and no version READY to
+        fall back on (the newest on disk refused): Triton is asked for the newest servable one."""
+        for version in reversed(self.store.with_metadata()):
+            with contextlib.suppress(OSError):
+                if self._refused.get(version.number) == version.stamp():
+                    continue
+            if version.label == self.versions.served:
+                return
+            try:
+                version.verify(hashes=False)
+                self.info_for(version.label)
+            except (RepositoryError, BackendUnavailable):
+                continue
+            with contextlib.suppress(InferenceServerException):
+                await self._load_exactly([version.number])
+                self._stray = set()
+            await self._follow_served()
+            return
 
     def _refuse(
         self, version: ModelVersion, stamp: tuple[int, int], reason: str
@@ -334,10 +448,13 @@ class TritonBackend:
     def pin(self) -> TritonPin | None:
         """The served version, named in each call of the request (None before it is labelled:
         Triton picks, and the answer cannot be labelled)."""
+        if self._pin is not None:
+            self._pin.users += 1
         return self._pin
 
     def unpin(self, pin: TritonPin | None) -> None:
-        return None  # Triton keeps the version before the newest loaded (latest: 2)
+        if pin is not None:
+            pin.users -= 1
 
     async def infer(
         self, images: np.ndarray, timeout: float | None = None, pin: TritonPin | None = None
@@ -347,13 +464,22 @@ class TritonBackend:
         outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
         deadline = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
         try:
-            result = await self.client.infer(
-                self.model_name,
-                [inp],
-                model_version=pin.version if pin is not None else "",
-                outputs=outputs,
-                client_timeout=deadline,
-            )
+            try:
+                result = await self.client.infer(
+                    self.model_name,
+                    [inp],
+                    model_version=pin.version if pin is not None else "",
+                    outputs=outputs,
+                    client_timeout=deadline,
+                )
+            except InferenceServerException as exc:
+                if pin is None or not _version_gone(exc):
+                    raise
+                # Triton unloaded the pinned version (a rollback it polled before the gateway
+                # did): the version it serves answers, and the answer names it
+                result = await self.client.infer(
+                    self.model_name, [inp], outputs=outputs, client_timeout=deadline
+                )
         except InferenceServerException as exc:
             status, message = _status(exc), exc.message() or str(exc)
             if "DEADLINE_EXCEEDED" in status or "Deadline" in message:

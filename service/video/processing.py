@@ -153,7 +153,7 @@ class VideoRun:
                 result = results[0]
                 stages.model_wait += time.perf_counter() - t
                 line: dict = {"frame": frame.index, "pts_s": round(frame.pts_s, 6)}
-                if pin is None:  # Triton names the version that answered
+                if result.candidates.version != info.version:  # Triton picked another one
                     answered = backend.info_for(result.candidates.version)
                     if answered.version != info.version:
                         line["model_version_changed"] = {

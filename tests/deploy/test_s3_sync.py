@@ -113,6 +113,7 @@ def publish(s3, tmp: Path, source: Path, wait_s: float, prefix: str = PREFIX) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a group of its own: stopped with the aws CLI and sleep it runs
     )
 
 
@@ -275,3 +276,62 @@ def test_publish_checks_the_repository_first(s3, tmp_path):
     assert proc.returncode == 2, out
     assert "failed its check" in out and f"{MODEL} version 1" in out, out
     assert not client.list_objects_v2(Bucket=BUCKET, Prefix="checked/").get("Contents"), out
+
+
+def test_a_version_number_from_two_exports_is_told_apart_by_its_content(s3, sidecar, tmp_path):
+    """A publish stopped in its wait leaves MODEL/.next-1/ (labels only), which the sidecars
+    install as version 1. Another export, written into a fresh folder, is version 1 again with
+    other classes: its publish replaces the .next-1/ labels and every sidecar replaces its copy
+    (it used to keep the first export's, and gateways labelled the new model with the old
+    names). A third export numbered 1 is refused before anything is uploaded: S3's version 1
+    is another export's."""
+    _, client = s3
+    for key in keys(client):  # this test's own S3 (the sidecar follows PREFIX)
+        client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    store = ModelStore(sidecar, MODEL)
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    assert write_version(first, "onnx", seed=1) == 1
+    stopped = publish(s3, tmp_path, first, 600)
+    wait_for(lambda: store.version(1).has_metadata(), 30, 0.1)
+    os.killpg(stopped.pid, signal.SIGKILL)  # the script and its sleep: a publish cut short
+    stopped.communicate(timeout=30)
+    assert version_info(store.version(1), "triton", 0).classes == COCO
+    assert f"{MODEL}/.next-1/metadata.json" in keys(client)
+
+    assert write_version(second, "onnx", seed=2, classes=OWN) == 1
+    out = finished(publish(s3, tmp_path, second, 0))
+    assert f"published {MODEL}/1/model.onnx" in out, out
+    wait_for(lambda: version_info(store.version(1), "triton", 0).classes == OWN, 30, 0.1)
+    published = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/1/metadata.json")
+    assert published["Body"].read() == (second / MODEL / "1" / "metadata.json").read_bytes()
+
+    assert write_version(third, "onnx", seed=3) == 1
+    proc = publish(s3, tmp_path, third, 0)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "another export" in out, out
+    again = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{MODEL}/1/metadata.json")
+    assert again["Body"].read() == (second / MODEL / "1" / "metadata.json").read_bytes()
+    time.sleep(2.5)  # two more sync rounds: the copy stays the second export's, no flapping
+    assert version_info(store.version(1), "triton", 0).classes == OWN
+    assert [p.name for p in store.path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_triton_gateway_reads_a_rewritten_versions_class_list_again(tmp_path):
+    """The gateway's side of the same case: the served version's folder replaced by another
+    export's under the same number; the next repository check labels with the new names."""
+    from service.backends.triton import TritonBackend
+    from tests.service.versions import copy_version
+
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    write_version(repo, "onnx", seed=1)
+    write_version(other, "onnx", seed=2, classes=OWN)
+    backend = TritonBackend("127.0.0.1:1", MODEL, 1.0, repo)
+    backend._serve("1", backend.info_for("1"))
+    pin = backend.pin()
+    assert pin.info.classes == COCO
+    store = ModelStore(repo, MODEL)
+    shutil.rmtree(store.version(1).path)
+    copy_version(ModelStore(other, MODEL).version(1).path, store, 1)
+    backend._relabel()
+    assert backend.info.classes == OWN and backend.pin().info.classes == OWN
+    assert backend.pin() is not pin  # requests admitted before keep their own labels

@@ -292,3 +292,48 @@ def test_triton_a_rollback_behind_a_refused_version_serves_the_newest_servable_o
                 assert time.monotonic() < deadline + 30, models(live.url)
                 time.sleep(0.1)
             assert models(live.url)["versions"]["served"] == "1"
+
+
+@pytest.mark.triton
+def test_triton_explicit_mode_loads_exactly_the_versions_the_gateway_chose(tmp_path):
+    """v1, v2 served; v3 broken (refused, never loaded); v4 good: Triton is asked for exactly
+    v4 and v2 (under the config's own ``latest: 2`` it would take v3 and v4, and fail on v3).
+    Then v4 and v2 are both retired: nothing loaded is left to fall back on, and the newest
+    servable version, v1, is loaded and served (not the retired v4, nor the refused v3)."""
+    repo = tmp_path / "repo"
+    write_version(repo, "python", 1)
+    write_version(repo, "python", 2)
+    store = ModelStore(repo, "ssd300_python")
+    scratch = ModelStore(tmp_path / "scratch", "ssd300_python")
+    write_version(scratch.root, "python", 3, version=3)
+    write_version(scratch.root, "python", 4, version=4)
+    model_file = scratch.version(3).file("model.onnx")
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+
+    with running_triton(repo, ["ssd300_python"], tmp_path / "triton.log") as server:
+        settings = triton_settings(server.grpc_url, repo, model_poll_s=0.2)
+        with run_service(settings) as live, live.client() as c:
+
+            def answered_by(version: str, seconds: float = 60) -> None:
+                deadline = time.monotonic() + seconds
+                while True:
+                    r = c.post("/v1/detect", files={"image": ("a.jpg", JPEG)})
+                    assert r.status_code == 200, r.text
+                    if r.json()["model"]["version"] == version:
+                        return
+                    assert time.monotonic() < deadline, (models(live.url), server.log()[-2000:])
+                    time.sleep(0.1)
+
+            answered_by("2")
+            scratch.version(3).path.rename(store.version(3).path)
+            deadline = time.monotonic() + 30
+            while (models(live.url)["versions"]["refused"] or {}).get("version") != "3":
+                assert time.monotonic() < deadline, models(live.url)
+                time.sleep(0.1)
+            scratch.version(4).path.rename(store.version(4).path)
+            answered_by("4")
+            assert "loading: ssd300_python:3" not in server.log()
+            store.retire(4)
+            store.retire(2)
+            answered_by("1")
+            assert models(live.url)["versions"]["served"] == "1"

@@ -231,3 +231,34 @@ def test_pods_polling_at_different_moments_serve_one_version(tmp_path):
     finally:
         for pod in pods:
             pod.stop()
+
+
+def test_a_pod_that_does_not_answer_keeps_the_served_version():
+    """Pods A and B; B's index call fails once (a deadline, a blip) while A has version 2: the
+    gateway must not move to 2, which B (still getting requests, round robin) may not have;
+    when both answer with 2 ready, it moves."""
+    import asyncio
+
+    from tritonclient.utils import InferenceServerException
+
+    from service.backends.triton import TritonBackend
+
+    async def scenario():
+        b = TritonBackend("ipv4:127.0.0.1:1,127.0.0.2:1", "ssd300_python", timeout_s=0.1)
+        b.versions.served = "1"
+        b_answers = [None, {1, 2}]
+
+        async def ready_versions(client, not_ready, pod=""):
+            if pod.startswith("127.0.0.2"):
+                answer = b_answers.pop(0)
+                if answer is None:
+                    raise InferenceServerException("Deadline Exceeded")
+                return answer
+            return {1, 2}
+
+        b._ready_versions = ready_versions
+        assert await b._ready_candidates() == ["1"]
+        assert await b._ready_candidates() == ["2", "1"]
+        await b.close()
+
+    asyncio.run(scenario())

@@ -165,6 +165,8 @@ def test_the_accounting_holds_under_any_interleaving(steps):
 def test_a_place_per_client_and_finish_gives_it_back():
     a = admission(per_client=2)
     first, second = a.begin("10.0.0.1", 10, 0.0), a.begin("10.0.0.1", 10, 0.0)
+    a.finish(second)  # before any byte of it arrived
+    second = a.begin("10.0.0.1", 10, 0.0)
     with pytest.raises(ApiError) as refused:
         a.begin("10.0.0.1", 10, 0.0)
     assert refused.value.status == 503 and refused.value.headers["Connection"] == "close"
