@@ -219,9 +219,9 @@ class TritonBackend:
         self._not_ready = not_ready
         if self.store is not None:  # not a version retired from the repository (a rollback)
             on_disk = {v.number for v in self.store.with_metadata()}
-            self._stray = ready - on_disk if ready & on_disk else set()
+            self._stray = set()
             if ready & on_disk:
-                ready &= on_disk
+                self._stray, ready = ready - on_disk, ready & on_disk
         served = int(self.versions.served) if self.versions.served.isdigit() else None
         if silent and served in ready:
             ready = {v for v in ready if v <= served}
@@ -399,10 +399,16 @@ class TritonBackend:
         return None
 
     def _on_disk(self, version: str) -> bool:
-        return (
-            self.store is not None and version.isdigit() and self.store.version(int(version))
-            .has_metadata()
-        )  # fmt: skip
+        if self.store is None or not version.isdigit():
+            return False
+        return self.store.version(int(version)).has_metadata()
+
+    def _refused_as_is(self, version: ModelVersion) -> bool:
+        """Refused before, and not rewritten since."""
+        try:
+            return self._refused.get(version.number) == version.stamp()
+        except OSError:
+            return False
 
     async def _load_exactly(self, numbers: list[int]) -> None:
         """Explicit mode: Triton loads these versions of the model and unloads the others (the
@@ -421,9 +427,8 @@ class TritonBackend:
         """Explicit mode, the served version gone from the repository and no version READY to
         fall back on (the newest on disk refused): Triton is asked for the newest servable one."""
         for version in reversed(self.store.with_metadata()):
-            with contextlib.suppress(OSError):
-                if self._refused.get(version.number) == version.stamp():
-                    continue
+            if self._refused_as_is(version):
+                continue
             if version.label == self.versions.served:
                 return
             try:

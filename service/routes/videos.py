@@ -233,10 +233,13 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                 video.fps,
                 video.duration_s,
             )
+            # planned as the worker plans each frame's tiles (from the same header and budget)
+            plan = tiles.plan(video.width, video.height, settings.tile_budget) if tiles else None
             # one batch at the model, one waiting (of a frame's tiles, at least two frames)
-            runs = tiles.plan(video.width, video.height, settings.tile_budget).runs if tiles else 1
-            window = max(2, 2 * settings.batch_max_size // runs)
-            run = VideoRun(pipe, worker, video, params, window, request.state.request_id, first)
+            window = max(2, 2 * settings.batch_max_size // (plan.runs if plan else 1))
+            run = VideoRun(
+                pipe, worker, video, params, window, request.state.request_id, first, plan
+            )
         except BaseException:
             if worker is not None:
                 worker.kill()

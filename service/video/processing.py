@@ -34,6 +34,7 @@ from service.pipeline import (
 from service.video.protocol import Frame, VideoError, VideoInfo
 from service.video.tracking import Line, LineCounter, Tracker
 from service.video.worker import DecodeWorker
+from ssdcore.tiling import TilePlan
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class VideoRun:
         window: int,
         request_id: str | None,
         first: Frame,
+        plan: TilePlan | None = None,
     ) -> None:
         self.pipe = pipe
         self.worker = worker
@@ -100,8 +102,7 @@ class VideoRun:
         self.window = window
         self.request_id = request_id
         self.rate = min(params.fps, video.fps) if video.fps > 0 else params.fps
-        tiles = params.detect.tiling  # planned as the worker plans them
-        self.plan = tiles.plan(video.width, video.height, pipe.max_tiles) if tiles else None
+        self.plan = plan  # each frame's tiles, as the worker cuts them (None: frames whole)
 
     async def lines(self) -> AsyncIterator[bytes]:
         backend = self.pipe.backend

@@ -37,16 +37,20 @@ def models(url: str) -> dict:
 
 def roll_out_and_back(url: str, repo: Path, fmt: str, load: Load) -> dict:
     """v2 (other weights), v3 (other classes), broken v4, then back to v2; returns what happened
-    and when: ``switches`` [(version, complete on disk at, its first answer ended at)]."""
+    and when: ``switches`` [(version, its change began at, complete on disk at, its first
+    answer ended at)]. A change may be seen before it is complete (the export renames the
+    version into place and then tidies up; a retire renames the folder away and then deletes
+    its files), so the version before is only required until the next change begins."""
     store = ModelStore(repo, MODEL_NAMES[fmt])
     names = {"1": set(COCO.names)}
     load.wait_for("1", time.monotonic())
     switches = []
     for seed, classes in ((2, COCO), (3, PETS)):
+        began = time.monotonic()
         number = str(write_version(repo, fmt, seed, classes))
         complete = time.monotonic()
         names[number] = set(classes.names)
-        switches.append((number, complete, load.wait_for(number, complete)))
+        switches.append((number, began, complete, load.wait_for(number, complete)))
     # v4 arrives with its model file cut short (a copy that died, a full disk)
     scratch = repo.parent / "scratch"
     broken = write_version(scratch, fmt, 4, COCO, version=store.next_number())
@@ -58,10 +62,11 @@ def roll_out_and_back(url: str, repo: Path, fmt: str, load: Load) -> dict:
         assert time.monotonic() < deadline, models(url)
         time.sleep(0.1)
     time.sleep(1.0)  # answers keep coming from v3
+    began = time.monotonic()
     store.retire(broken)
     store.retire(3)
     complete = time.monotonic()
-    switches.append(("2", complete, load.wait_for("2", complete)))
+    switches.append(("2", began, complete, load.wait_for("2", complete)))
     time.sleep(1.0)
     return {"names": names, "switches": switches, "broken": str(broken)}
 
@@ -75,17 +80,17 @@ def check_answers(load: Load, facts: dict) -> None:
         assert a.version in names and a.version != facts["broken"], a
         assert a.labels <= names[a.version], (a.version, a.labels - names[a.version])
     assert any(a.labels & set(PETS.names) for a in answers if a.version == "3")
-    # once a switch has been answered, requests that start later (until the next version is
-    # written) never name the old version, the broken v4 included
+    # once a switch has been answered, requests that start later (until the next change
+    # begins) never name the old version, the broken v4 included
     switches = facts["switches"]
-    for i, (version, _, seen) in enumerate(switches):
+    for i, (version, _, _, seen) in enumerate(switches):
         until = switches[i + 1][1] if i + 1 < len(switches) else float("inf")
         after = [a for a in answers if seen < a.start < until]
         assert after and {a.version for a in after} == {version}, (version, len(after))
 
 
 def summary(load: Load, facts: dict) -> str:
-    took = ", ".join(f"v{v} {seen - done:.2f} s" for v, done, seen in facts["switches"])
+    took = ", ".join(f"v{v} {seen - done:.2f} s" for v, _, done, seen in facts["switches"])
     return f"{len(load.answers)} requests, 0 failed; first answer from the new version after {took}"
 
 
