@@ -152,7 +152,7 @@ def main() -> None:
         tmp = Path(tmp)
         if "accuracy" in args.parts:
             t0 = time.perf_counter()
-            repo = args.repo or train_model(tmp / "small")
+            repo = args.repo or train_model(tmp / "small", bf16=False)
             trained = "" if args.repo else f" (trained in {time.perf_counter() - t0:.0f} s)"
             print(
                 f"\nSmall objects: {args.seeds} canvases of 2000x1500, 40 objects of 12-40 px "

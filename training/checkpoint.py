@@ -263,6 +263,23 @@ def record_checkpoint(folder: str | Path, name: str, **info: Any) -> None:
     write_json_atomic({"checkpoints": entries}, folder / MANIFEST)
 
 
+def prune_checkpoints(folder: str | Path, keep: int) -> list[str]:
+    """Keep the newest ``keep`` epoch checkpoints of the manifest (``interrupted.pt`` is not
+    counted and stays); older ones leave the manifest first (atomically), then the disk.
+    Returns the files removed."""
+    folder = Path(folder)
+    entries = load_manifest(folder)
+    epochs = [e["file"] for e in entries if str(e.get("file", "")).startswith("epoch_")]
+    if keep <= 0 or len(epochs) <= keep:
+        return []
+    gone = set(epochs[:-keep])
+    write_json_atomic({"checkpoints": [e for e in entries if e["file"] not in gone]},
+                      folder / MANIFEST)  # fmt: skip
+    for name in sorted(gone):
+        (folder / name).unlink(missing_ok=True)
+    return sorted(gone)
+
+
 def _intact(path: Path, sha256: str) -> bool:
     return path.is_file() and file_sha256(path) == sha256
 

@@ -26,6 +26,13 @@ from training.distributed import DistInfo, all_gather_objects, any_rank, sum_ove
 from training.export.served import ServedSSD, candidates_above
 
 
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """Mixed precision where ``amp``: fp16 on CUDA (with GradScaler), bf16 on CPU
+    (``--cpu-bf16``: no scaler, bf16 has fp32's exponent range)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp)
+
+
 @dataclass
 class StepStats:
     """Counters of one run, restored on resume."""
@@ -89,7 +96,7 @@ class TrainStep:
         images, boxes, labels = (t.to(self.device, non_blocking=True) for t in batch)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with autocast(self.device, self.amp):
             locs, logits = self.model(images)
         loss = self.loss_fn(locs.float(), logits.float(), boxes.transpose(1, 2).float(), labels)
         value = float(loss.detach())
@@ -150,7 +157,7 @@ def predict(
     pp = REFERENCE_POSTPROCESS
     results: list[dict] = []
     for images, ids, sizes in loader:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with autocast(device, amp):
             boxes, probs = served.decode(images.to(device))
         boxes, probs = boxes.float(), probs.float()
         for b, p, image_id, (h, w) in zip(boxes, probs, ids, sizes):
@@ -226,7 +233,7 @@ def benchmark(cfg, info: DistInfo, train_step: TrainStep, loader) -> int:
         images = images.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size]
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.float16, enabled=amp):
+        with torch.no_grad(), autocast(info.device, amp):
             for _ in range(total):
                 sync()
                 t0 = time.perf_counter()

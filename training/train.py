@@ -33,6 +33,7 @@ from training.checkpoint import (
     extract_state_dict,
     is_ours,
     lock_folder,
+    prune_checkpoints,
     read_checkpoint,
     remove_partial_writes,
     resolve_checkpoint,
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     start = fetch_start_weights(cfg, info)  # downloads once per machine, before any work
     seed = cfg.seed if cfg.seed is not None else 0
     D.seed_everything(seed + info.rank)
-    amp = cfg.amp and info.device.type == "cuda"
+    cuda = info.device.type == "cuda"
+    amp = cfg.amp if cuda else cfg.cpu_bf16  # fp16 on CUDA, bf16 on CPU (training steps only)
     configure_backends(cfg, info)
 
     model = build_model(cfg.backbone, start.backbone, classes.num_classes)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp and cuda)
     state = TrainState(model, optimizer, scheduler, scaler, StepStats(), cfg.to_dict(), classes)
     at = Position(0, 0)
     if cfg.checkpoint:  # evaluation uses the checkpoint's label order, which may differ
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if cfg.mode == "evaluation":
-        return run_evaluation(cfg, info, model, classes, amp, epoch=at.epoch - 1)
-    loader = build_loader(cfg, info, seed, amp, at.data)
+        return run_evaluation(cfg, info, model, classes, amp and cuda, epoch=at.epoch - 1)
+    loader = build_loader(cfg, info, seed, amp and cuda, at.data)
     channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
     train_step = TrainStep(ddp, loss_fn, optimizer, scaler, info.device, amp, channels_last, info)
     if cfg.mode.startswith("benchmark"):
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         set_warmup_lr(optimizer, scheduler, 0, 0)  # hand the scheduled lr back to the scheduler
         scheduler.step()
         if epoch in cfg.evaluation:
-            run_evaluation(cfg, info, model, classes, amp, epoch, metrics)
+            run_evaluation(cfg, info, model, classes, amp and cuda, epoch, metrics)
         save(cfg, info, state, epoch + 1, 0, loader)
     checksums = D.all_gather_objects(
         sum(float(p.detach().double().sum()) for p in model.parameters()), info
@@ -195,6 +197,8 @@ def validate(cfg: TrainConfig, info: D.DistInfo) -> ClassList:
         )
     if cfg.mode == "evaluation" and not cfg.checkpoint:
         raise SystemExit("error: --mode evaluation needs --checkpoint")
+    if cfg.keep_checkpoints < 0:
+        raise SystemExit("error: --keep-checkpoints must be 0 (keep all) or more")
     if cfg.checkpoint and cfg.pretrained:
         raise SystemExit(
             "error: --checkpoint resumes a run, --pretrained starts a new one from other "
@@ -362,6 +366,7 @@ def save(cfg, info, state: TrainState, epoch: int, batch: int, loader) -> None:
     per_rank = D.all_gather_objects({"rng": rng_state(), "data": loader.state()}, info)
     if cfg.save and info.is_main:
         state.save(cfg.save, epoch, batch, per_rank)
+        prune_checkpoints(cfg.save, cfg.keep_checkpoints)
 
 
 def restore(cfg, info, state: TrainState, start: StartWeights) -> Position:

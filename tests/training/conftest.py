@@ -232,6 +232,8 @@ def overfit_run(overfit_coco, tmp_path_factory):
             "0",
             "--log-interval",
             "1",
+            "--keep-checkpoints",
+            "2",
         ]
     )
     return out, proc

@@ -13,10 +13,14 @@ from training.checkpoint import (
     CheckpointError,
     FolderBusy,
     atomic_save,
+    load_manifest,
     load_model_weights,
     lock_folder,
+    prune_checkpoints,
     read_checkpoint,
+    record_checkpoint,
     remove_partial_writes,
+    resolve_checkpoint,
 )
 from training.model import build_model
 
@@ -98,6 +102,24 @@ def test_atomic_save_leaves_no_temp(tmp_path):
     atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
     assert torch.equal(read_checkpoint(tmp_path / "x.pt")["a"], torch.ones(2))
+
+
+def test_pruning_keeps_the_newest_epochs_and_the_interrupted_one(tmp_path):
+    """Epochs saved out of name order (10 after 9): the manifest's order decides what is
+    newest, an interrupted checkpoint is never counted nor removed, keep=0 keeps all."""
+    for name in ["epoch_8.pt", "epoch_9.pt", "interrupted.pt", "epoch_10.pt", "epoch_11.pt"]:
+        atomic_save({"name": name}, tmp_path / name)
+        record_checkpoint(tmp_path, name)
+    assert prune_checkpoints(tmp_path, 0) == []
+    assert prune_checkpoints(tmp_path, 2) == ["epoch_8.pt", "epoch_9.pt"]
+    left = ["interrupted.pt", "epoch_10.pt", "epoch_11.pt"]
+    assert [e["file"] for e in load_manifest(tmp_path)] == left
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == sorted(left)
+    assert prune_checkpoints(tmp_path, 2) == []
+    # the fallback survives: the newest corrupted, the one before it is chosen
+    (tmp_path / "epoch_11.pt").write_bytes(b"cut")
+    chosen, warnings = resolve_checkpoint(tmp_path / "epoch_11.pt")
+    assert chosen == tmp_path / "epoch_10.pt" and len(warnings) == 1
 
 
 def test_remove_partial_writes_only_touches_temporaries(tmp_path):

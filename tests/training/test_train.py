@@ -20,7 +20,12 @@ from tests.training.conftest import (
     train_command,
     train_env,
 )
-from training.checkpoint import lock_folder, read_checkpoint
+from training.checkpoint import (
+    load_manifest,
+    lock_folder,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +205,10 @@ def test_learns_for_real(overfit_run):
     assert sum(losses[-5:]) / 5 < 0.25 * losses[0], losses
     evals = [r for r in read_metrics(folder / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[0]["AP50"] >= 0.3, (evals, proc.stdout[-2000:])
+    # --keep-checkpoints 2: the two newest epochs stay, listed and intact; the others are gone
+    assert sorted(p.name for p in folder.glob("epoch_*.pt")) == ["epoch_23.pt", "epoch_24.pt"]
+    assert [e["file"] for e in load_manifest(folder)] == ["epoch_23.pt", "epoch_24.pt"]
+    assert resolve_checkpoint(folder) == (folder / "epoch_24.pt", [])
 
 
 @pytest.mark.parametrize("mode", ["benchmark-training", "benchmark-inference"])
