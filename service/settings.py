@@ -150,6 +150,24 @@ class Settings(BaseSettings):
         "free (service/memory.py); 0 keeps glibc's adaptive threshold",
     )
 
+    # URLs in requests (service/addresses.py, service/url_fetch.py)
+    stream_sources: list[str] = Field(
+        [],
+        description="networks (CIDR) and host names a URL in a request may connect to (a JSON "
+        "list): image_url on POST /v1/detect. Unset: any address but those always refused "
+        "(link-local 169.254.0.0/16 and fe80::/10 with the cloud metadata services, "
+        "fd00:ec2::254, unspecified, multicast, broadcast); set it in production",
+    )
+    image_url_timeout_s: float = Field(
+        10.0, gt=0, description="an image_url fetch (lookups, redirects, body) within this"
+    )
+    image_url_max_redirects: int = Field(
+        5, ge=0, description="redirects an image_url fetch follows, each target checked again"
+    )
+    max_url_fetches: int = Field(
+        16, ge=1, description="image_url fetches at once (each holds SSD_MAX_BODY_BYTES at most)"
+    )
+
     # videos (POST /v1/videos; service/video/)
     max_video_bytes: int = Field(
         512 * 1024 * 1024,
@@ -266,6 +284,17 @@ class Settings(BaseSettings):
             parse_networks(value)
         except ValueError as exc:
             raise ValueError(f"SSD_TRUSTED_PROXIES: {exc}") from None
+        return value
+
+    @field_validator("stream_sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        from service.addresses import parse_sources
+
+        try:
+            parse_sources(value)
+        except ValueError as exc:
+            raise ValueError(f"SSD_STREAM_SOURCES: {exc}") from None
         return value
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 """``POST /v1/detect``: still images, one or a batch."""
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -9,12 +10,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from service.addresses import SourcePolicy
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.multipart import read_uploads
 from service.pipeline import DetectParams, Pipeline
 from service.routes.common import client_gone_mid_upload, pipeline, unless_disconnected
 from service.settings import Settings
+from service.url_fetch import ImageFetcher
 from ssdcore.tiling import TileSpec
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -27,6 +30,20 @@ DETECT_BODY = {
                 "properties": {
                     "image": {**_BINARY, "description": "one image (JPEG, PNG or WebP)"},
                     "images": {"type": "array", "items": _BINARY, "description": "a batch"},
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["image_url"],
+                "properties": {
+                    "image_url": {
+                        "type": "string",
+                        "maxLength": 4096,
+                        "description": "an http(s) URL the service fetches the image from "
+                        "(SSD_STREAM_SOURCES and the always-refused addresses apply)",
+                    }
                 },
             }
         },
@@ -105,8 +122,39 @@ def tile_params(settings: Settings) -> Callable[..., TileSpec | None]:
     return params
 
 
+MAX_JSON_BYTES = 16 * 1024
+
+
+async def image_url_of(request: Request) -> str:
+    """The ``image_url`` of a JSON body."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise ApiError(
+                413, "payload_too_large", f"a JSON body is {MAX_JSON_BYTES} bytes at most"
+            )
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "the body is not JSON") from None
+    url = doc.get("image_url") if isinstance(doc, dict) else None
+    if not isinstance(url, str) or not url.strip() or len(url) > 4096:
+        raise ApiError(
+            422, "invalid_image_url", 'send {"image_url": "https://..."} (a string, 4096 at most)'
+        )
+    return url
+
+
 def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     api = APIRouter(dependencies=[Depends(auth)])
+    fetcher = ImageFetcher(
+        SourcePolicy(settings.stream_sources),
+        settings.max_body_bytes,
+        settings.image_url_timeout_s,
+        settings.image_url_max_redirects,
+        settings.max_url_fetches,
+    )
 
     @api.post(
         "/v1/detect",
@@ -114,13 +162,16 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         summary="Detect objects in one image or a batch",
         description=(
             "Send a multipart form with one file in `image` (or several in `images`), or a raw "
-            "`image/jpeg`, `image/png` or `image/webp` body. Boxes are in pixels of the displayed "
+            '`image/jpeg`, `image/png` or `image/webp` body, or JSON `{"image_url": ...}` '
+            "(fetched by the service: http/https, addresses checked, the limits of an upload). "
+            "Boxes are in pixels of the displayed "
             "(EXIF-oriented) image. With `tiles=auto` (or a grid), small objects in large "
             "images are found on overlapping tiles; each image then says its `tiles` and the "
             "response its `model_runs`."
         ),
         responses={
             400: {"description": "bad image"},
+            403: {"description": "image_url names a refused address or scheme"},
             413: {"description": "body too large"},
             415: {"description": "unsupported body"},
             422: {"description": "bad parameter, or more tiles than a request may run"},
@@ -140,7 +191,11 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         # uploads and inference are bounded apart: a partial upload holds bytes of the upload
         # buffer (the edge's admission, until its body deadline at most), never a model slot
         try:
-            uploads = await read_uploads(request, settings.max_files)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "application/json":
+                uploads = [await fetcher.fetch(await image_url_of(request))]
+            else:
+                uploads = await read_uploads(request, settings.max_files)
         except ClientDisconnect:
             raise client_gone_mid_upload(request, metrics) from None
         with request.app.state.in_flight.place():

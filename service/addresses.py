@@ -1,0 +1,155 @@
+"""Which addresses the service may connect to when a request names a URL (``image_url`` on
+``POST /v1/detect``; the sources of streams).
+
+A URL in a request is a request to connect somewhere from inside the deployment. The rules:
+
+- schemes: those the caller allows (``http``/``https`` for images); never ``file`` or any other;
+- every address the host name resolves to is checked, and the connection goes to a checked
+  address (never a second lookup that could answer otherwise: DNS rebinding);
+- always refused: link-local addresses (169.254.0.0/16, where clouds answer metadata and
+  credentials, and fe80::/10), the AWS IPv6 metadata address fd00:ec2::254, unspecified,
+  multicast and broadcast addresses; IPv4 addresses written as IPv6 (``::ffff:a.b.c.d``,
+  NAT64 ``64:ff9b::/96``) are judged as the IPv4 address they carry;
+- ``SSD_STREAM_SOURCES`` set (CIDRs and host names): only addresses in those networks, or host
+  names listed there; unset: any other address (cameras live on private networks; set it in
+  production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ALWAYS_REFUSED: tuple[tuple[Network, str], ...] = tuple(
+    (ipaddress.ip_network(net), why)
+    for net, why in (
+        ("169.254.0.0/16", "link-local (cloud metadata)"),
+        ("fe80::/10", "link-local"),
+        ("fd00:ec2::254/128", "cloud metadata"),
+        ("0.0.0.0/8", "unspecified"),
+        ("::/128", "unspecified"),
+        ("224.0.0.0/4", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# lookups run here, never on the event loop nor on the default executor (which they could fill)
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+
+
+class AddressRefused(Exception):
+    """The URL may not be connected to (its scheme, or an address its host resolves to)."""
+
+
+class Unresolvable(Exception):
+    """The URL's host name does not resolve."""
+
+
+def _carried_v4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64), else the address itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def parse_sources(entries: Iterable[str]) -> tuple[tuple[Network, ...], frozenset[str]]:
+    """``SSD_STREAM_SOURCES`` entries: networks (``10.0.0.0/8``, an address) and host names."""
+    networks, names = [], set()
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            name = entry.lower().rstrip(".")
+            if not name or any(c in name for c in "/:@ ") or name.startswith("."):
+                raise ValueError(f"{entry!r} is neither a network (CIDR) nor a host name") from None
+            names.add(name)
+    return tuple(networks), frozenset(names)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL: where to connect (``addresses``, in the resolver's order) and what to
+    say to it (``host`` for the Host header and TLS, ``port``)."""
+
+    url: SplitResult
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+class SourcePolicy:
+    """The rules above, for one service (its ``SSD_STREAM_SOURCES``)."""
+
+    def __init__(self, sources: Iterable[str] = ()) -> None:
+        self.networks, self.names = parse_sources(sources)
+        self.restricted = bool(self.networks or self.names)
+
+    def refusal(self, address: str, host: str) -> str | None:
+        """Why ``address`` (``host`` resolved to it) may not be connected to, or None."""
+        ip = _carried_v4(ipaddress.ip_address(address.split("%", 1)[0]))
+        for net, why in ALWAYS_REFUSED:
+            if ip.version == net.version and ip in net:
+                return f"{host} is {ip}, a {why} address, which is never connected to"
+        if not self.restricted or host.lower().rstrip(".") in self.names:
+            return None
+        if any(ip.version == n.version and ip in n for n in self.networks):
+            return None
+        return f"{host} is {ip}, outside SSD_STREAM_SOURCES"
+
+    async def check(self, raw: str, schemes: tuple[str, ...]) -> Target:
+        """The URL parsed, its host resolved and every address checked; raises
+        :class:`AddressRefused`, :class:`Unresolvable` or ValueError (not a URL)."""
+        url = urlsplit(raw.strip())
+        scheme = url.scheme.lower()
+        if scheme not in schemes:
+            shown = scheme or "none"
+            raise AddressRefused(f"the scheme {shown!r} is not allowed (only {', '.join(schemes)})")
+        try:
+            host, port = url.hostname, url.port
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if not host:
+            raise ValueError("the URL has no host")
+        port = port or {"http": 80, "https": 443, "rtsp": 554, "rtsps": 322}[scheme]
+        addresses = await resolve(host, port)
+        for address in addresses:
+            why = self.refusal(address, host)
+            if why is not None:
+                raise AddressRefused(why)
+        return Target(url, host, port, addresses)
+
+
+async def resolve(host: str, port: int) -> tuple[str, ...]:
+    """Every address of ``host`` (an address literal is itself), in the resolver's order."""
+    try:
+        return (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.run_in_executor(
+            _RESOLVER, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        )
+    except (OSError, UnicodeError) as exc:
+        raise Unresolvable(f"{host} does not resolve: {exc}") from None
+    seen: dict[str, None] = {}
+    for info in infos:
+        seen.setdefault(str(info[4][0]), None)
+    if not seen:
+        raise Unresolvable(f"{host} does not resolve")
+    return tuple(seen)
