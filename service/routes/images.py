@@ -138,7 +138,14 @@ async def image_url_of(request: Request) -> str:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the body is not JSON") from None
-    url = doc.get("image_url") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or "image_url" not in doc:  # JSON, and not ours
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data with an 'image' field, an image/* body, or JSON "
+            '{"image_url": "https://..."}',
+        )
+    url = doc["image_url"]
     if not isinstance(url, str) or not url.strip() or len(url) > 4096:
         raise ApiError(
             422, "invalid_image_url", 'send {"image_url": "https://..."} (a string, 4096 at most)'

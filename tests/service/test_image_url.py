@@ -275,7 +275,10 @@ def test_bad_json_bodies(open_service):
         timeout=30,
     )
     assert post(b"{not json").status_code == 400
-    for body in (b"{}", b'{"image_url": 3}', b"[]", b'{"image_url": ""}'):
+    for body in (b"{}", b"[]", b'{"image": "x"}'):  # JSON, not an image_url: as any other
+        r = post(body)
+        assert r.status_code == 415 and error_code(r) == "unsupported_media_type", (body, r.text)
+    for body in (b'{"image_url": 3}', b'{"image_url": ""}', b'{"image_url": null}'):
         r = post(body)
         assert r.status_code == 422 and error_code(r) == "invalid_image_url", (body, r.text)
     r = post(b'{"image_url": "http://[::1"}')
