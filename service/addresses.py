@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
+import threading
+import unicodedata
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
+
+log = logging.getLogger("service")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,8 +47,14 @@ ALWAYS_REFUSED: tuple[tuple[Network, str], ...] = tuple(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# lookups run here, never on the event loop nor on the default executor (which they could fill)
-_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+# lookups run here, never on the event loop nor on the default executor (which they could
+# fill); a lookup cannot be cancelled, so one whose request gave up still holds its thread: when
+# every thread is busy (names whose servers do not answer), a lookup is refused at once (503)
+# rather than queued behind them
+LOOKUP_THREADS = 4
+_RESOLVER = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="resolve")
+_lookups = 0  # running in _RESOLVER (changed on the event loop and in its threads)
+_lookups_lock = threading.Lock()
 
 
 class AddressRefused(Exception):
@@ -52,6 +63,10 @@ class AddressRefused(Exception):
 
 class Unresolvable(Exception):
     """The URL's host name does not resolve."""
+
+
+class ResolverBusy(Exception):
+    """Every lookup thread is taken (by names that take long to answer)."""
 
 
 def _carried_v4(address: IPAddress) -> IPAddress:
@@ -104,17 +119,20 @@ class SourcePolicy:
         ip = _carried_v4(ipaddress.ip_address(address.split("%", 1)[0]))
         for net, why in ALWAYS_REFUSED:
             if ip.version == net.version and ip in net:
-                return f"{host} is {ip}, a {why} address, which is never connected to"
+                return f"{host} is a {why} address, which is never connected to"
         if not self.restricted or host.lower().rstrip(".") in self.names:
             return None
         if any(ip.version == n.version and ip in n for n in self.networks):
             return None
-        return f"{host} is {ip}, outside SSD_STREAM_SOURCES"
+        return f"{host} is outside SSD_STREAM_SOURCES"
 
     async def check(self, raw: str, schemes: tuple[str, ...]) -> Target:
         """The URL parsed, its host resolved and every address checked; raises
         :class:`AddressRefused`, :class:`Unresolvable` or ValueError (not a URL)."""
-        url = urlsplit(raw.strip())
+        raw = raw.strip()
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw):
+            raise ValueError("control characters or spaces in the URL")
+        url = urlsplit(raw)
         scheme = url.scheme.lower()
         if scheme not in schemes:
             shown = scheme or "none"
@@ -125,13 +143,27 @@ class SourcePolicy:
             raise ValueError(f"not a URL: {exc}") from None
         if not host:
             raise ValueError("the URL has no host")
+        host = ascii_host(host)
         port = port or {"http": 80, "https": 443, "rtsp": 554, "rtsps": 322}[scheme]
         addresses = await resolve(host, port)
         for address in addresses:
             why = self.refusal(address, host)
             if why is not None:
+                log.warning("refused a URL to %s: %s is %s", host, host, address)
                 raise AddressRefused(why)
         return Target(url, host, port, addresses)
+
+
+def ascii_host(host: str) -> str:
+    """The host as it is looked up and sent (Host header, TLS name): an IDNA A-label for a
+    name in other scripts (NFKC first, so fullwidth digits are digits)."""
+    host = unicodedata.normalize("NFKC", host).lower()
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"the host name is not a valid international name: {exc}") from None
 
 
 async def resolve(host: str, port: int) -> tuple[str, ...]:
@@ -140,11 +172,23 @@ async def resolve(host: str, port: int) -> tuple[str, ...]:
         return (str(ipaddress.ip_address(host)),)
     except ValueError:
         pass
+    global _lookups
+    with _lookups_lock:
+        if _lookups >= LOOKUP_THREADS:
+            raise ResolverBusy(f"{LOOKUP_THREADS} host name lookups are still running")
+        _lookups += 1
+
+    def lookup() -> list:
+        global _lookups
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        finally:
+            with _lookups_lock:
+                _lookups -= 1
+
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.run_in_executor(
-            _RESOLVER, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        )
+        infos = await loop.run_in_executor(_RESOLVER, lookup)
     except (OSError, UnicodeError) as exc:
         raise Unresolvable(f"{host} does not resolve: {exc}") from None
     seen: dict[str, None] = {}

@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     max_url_fetches: int = Field(
         16, ge=1, description="image_url fetches at once (each holds SSD_MAX_BODY_BYTES at most)"
     )
+    image_url_ca_file: Path | None = Field(
+        None,
+        description="PEM bundle of the authorities an https image_url's certificate is checked "
+        "against (an internal CA); unset: certifi's public bundle",
+    )
 
     # videos (POST /v1/videos; service/video/)
     max_video_bytes: int = Field(

@@ -4,7 +4,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -14,6 +14,7 @@ from service.pipeline import Pipeline
 from service.settings import Settings
 
 log = logging.getLogger("service")
+T = TypeVar("T")
 
 
 def api_key_check(settings: Settings) -> Callable[[Request], None]:
@@ -48,8 +49,8 @@ async def disconnected(request: Request) -> None:
 
 
 async def unless_disconnected(
-    request: Request, work: Coroutine[Any, Any, dict], metrics: Metrics
-) -> dict:
+    request: Request, work: Coroutine[Any, Any, T], metrics: Metrics
+) -> T:
     """``work``, cancelled as soon as the client goes away (its images leave the batcher's
     queue; the model runs for answers someone waits for): 499, as nginx says it."""
     task = asyncio.ensure_future(work)

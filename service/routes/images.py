@@ -161,6 +161,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         settings.image_url_timeout_s,
         settings.image_url_max_redirects,
         settings.max_url_fetches,
+        settings.image_url_ca_file,
     )
 
     @api.post(
@@ -200,7 +201,8 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         try:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype == "application/json":
-                uploads = [await fetcher.fetch(await image_url_of(request))]
+                url = await image_url_of(request)  # the body is read: a disconnect shows
+                uploads = [await unless_disconnected(request, fetcher.fetch(url), metrics)]
             else:
                 uploads = await read_uploads(request, settings.max_files)
         except ClientDisconnect:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from devtools.images import encode, photo
+from service.addresses import LOOKUP_THREADS
 from service.settings import Settings
 from tests.service.conftest import run_service
 
@@ -221,8 +223,71 @@ def test_a_name_that_resolves_to_the_metadata_address_is_refused(open_service, m
     monkeypatch.setattr(socket, "getaddrinfo", answer)
     t0 = time.monotonic()
     r = detect_url(open_service, "http://camera.example/snapshot.jpg")
-    assert r.status_code == 403 and "169.254.169.254" in r.json()["error"]["message"], r.text
+    assert r.status_code == 403 and "never connected" in r.json()["error"]["message"], r.text
+    assert "169.254" not in r.text  # where a name points is not told (internal DNS)
     assert time.monotonic() - t0 < 1.5
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(open_service, origin, monkeypatch):
+    """DNS rebinding: the name answers 127.0.0.1 to the check and the metadata address after;
+    the fetch connects to the checked address (one lookup), never to the second answer."""
+    real, lookups = socket.getaddrinfo, []
+
+    def answer(host, port, *args, **kwargs):
+        if host == "rebind.example":
+            lookups.append(host)
+            address = "127.0.0.1" if len(lookups) == 1 else "169.254.169.254"
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", answer)
+    r = detect_url(open_service, origin.url("/photo.jpg", host="rebind.example"))
+    assert r.status_code == 200, r.text
+    assert lookups == ["rebind.example"]
+
+
+def test_urls_with_control_characters_and_other_scripts(open_service, origin):
+    for url in (origin.url("/a\u0001b"), origin.url("/x?\u007f"), origin.url("/a b")):
+        r = detect_url(open_service, url)
+        assert r.status_code == 422 and error_code(r) == "invalid_image_url", (url, r.text)
+    # fullwidth digits are digits (NFKC); a name in another script is looked up as its A-label
+    assert (
+        detect_url(
+            open_service, origin.url("/photo.jpg", host="\uff11\uff12\uff17.0.0.1")
+        ).status_code
+        == 200
+    )
+    r = detect_url(open_service, "http://b\u00fccher.invalid/x.jpg")
+    assert r.status_code == 422 and "xn--bcher-kva.invalid" in r.text, r.text
+
+
+def test_slow_lookups_refuse_rather_than_queue(open_service, origin, monkeypatch):
+    """Names whose servers do not answer hold the lookup threads (a lookup cannot be
+    cancelled): a further lookup gets 503 at once; an address literal needs none."""
+    real = socket.getaddrinfo
+
+    def answer(host, port, *args, **kwargs):
+        if host.endswith(".slow.example"):
+            time.sleep(3)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", answer)
+    slow = [
+        threading.Thread(target=detect_url, args=(open_service, f"http://a{i}.slow.example/"))
+        for i in range(LOOKUP_THREADS)
+    ]
+    for t in slow:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    r = detect_url(open_service, origin.url("/photo.jpg", host="localhost"))
+    assert r.status_code == 503 and time.monotonic() - t0 < 1.0, r.text
+    assert detect_url(open_service, origin.url("/photo.jpg")).status_code == 200
+    for t in slow:
+        t.join()
+    time.sleep(1.5)  # the lookups have ended
+    assert detect_url(open_service, origin.url("/photo.jpg", host="localhost")).status_code == 200
 
 
 def test_the_allow_list_when_set(model_repo, origin):
@@ -301,3 +366,100 @@ def test_fetches_beyond_the_limit_get_503(model_repo):
         r = detect_url(live, f"http://127.0.0.1:{port}/second")
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         first.join()
+
+
+def test_a_client_that_leaves_frees_its_fetch(model_repo, origin):
+    with (
+        run_service(settings_for(model_repo, max_url_fetches=1)) as live,
+        silent_server() as (port, accepted),
+    ):
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(
+                live.url + "/v1/detect",
+                json={"image_url": f"http://127.0.0.1:{port}/never"},
+                timeout=0.5,
+            )
+        assert accepted
+        time.sleep(0.3)  # the fetch is cancelled with its request, long before its deadline
+        assert detect_url(live, origin.url("/photo.jpg")).status_code == 200
+        assert live.metric("ssd_rejected_total", reason="client_disconnected") >= 1
+
+
+def test_https_names_the_host_to_tls_and_checks_its_certificate(model_repo, tmp_path):
+    ca_file, cert_file, key_file = make_certificates(tmp_path, "localhost")
+    seen = {"sni": [], "host": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen["host"].append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            self.wfile.write(JPEG)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    context.sni_callback = lambda sock, name, ctx: seen["sni"].append(name)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with run_service(settings_for(model_repo, image_url_ca_file=ca_file)) as live:
+            r = detect_url(live, f"https://localhost:{port}/photo.jpg")
+            assert r.status_code == 200, r.text
+            assert seen == {"sni": ["localhost"], "host": [f"localhost:{port}"]}
+            r = detect_url(live, f"https://127.0.0.1:{port}/photo.jpg")  # not the cert's name
+            assert r.status_code == 422 and "CERTIFICATE_VERIFY_FAILED" in r.text, r.text
+        with run_service(settings_for(model_repo)) as live:  # the public bundle: not trusted
+            r = detect_url(live, f"https://localhost:{port}/photo.jpg")
+            assert r.status_code == 422 and "CERTIFICATE_VERIFY_FAILED" in r.text, r.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_certificates(folder, name: str):
+    """A throwaway CA and a certificate for ``name`` it signed: (ca.pem, leaf.pem, leaf.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def sign(subject, key, issuer, issuer_key, ca, san=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = sign("test CA", ca_key, ca_name, ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = sign(name, key, ca_name, ca_key, False, name)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "leaf.pem").write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    (folder / "leaf.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return folder / "ca.pem", folder / "leaf.pem", folder / "leaf.key"
