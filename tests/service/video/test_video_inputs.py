@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import socket
 import time
@@ -241,7 +240,7 @@ def test_a_crashing_decoder_ends_its_video_only(live, clips):
         first = _first_line(lines)
         assert first["frame"] == 0
         (worker,) = workers()
-        os.kill(worker.pid, signal.SIGSEGV)
+        worker.send_signal(signal.SIGSEGV)  # psutil: never a process that reused the PID
         rest = [json.loads(x) for x in lines if x]
     assert "error" in rest[-1], rest[-1]
     assert rest[-1]["error"]["code"] == "decoder_crashed"
