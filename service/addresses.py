@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
+from service.admission import Network
+
 log = logging.getLogger("service")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ALWAYS_REFUSED: tuple[tuple[Network, str], ...] = tuple(
     (ipaddress.ip_network(net), why)
@@ -118,11 +119,11 @@ class SourcePolicy:
         """Why ``address`` (``host`` resolved to it) may not be connected to, or None."""
         ip = _carried_v4(ipaddress.ip_address(address.split("%", 1)[0]))
         for net, why in ALWAYS_REFUSED:
-            if ip.version == net.version and ip in net:
+            if ip in net:  # False across IP versions
                 return f"{host} is a {why} address, which is never connected to"
         if not self.restricted or host.lower().rstrip(".") in self.names:
             return None
-        if any(ip.version == n.version and ip in n for n in self.networks):
+        if any(ip in n for n in self.networks):
             return None
         return f"{host} is outside SSD_STREAM_SOURCES"
 

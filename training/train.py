@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     D.seed_everything(seed + info.rank)
     cuda = info.device.type == "cuda"
     amp = cfg.amp if cuda else cfg.cpu_bf16  # fp16 on CUDA, bf16 on CPU (training steps only)
+    fp16 = amp and cuda  # GradScaler, DALI's fp16 output and evaluation: CUDA's AMP only
     configure_backends(cfg, info)
 
     model = build_model(cfg.backbone, start.backbone, classes.num_classes)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     lr = cfg.learning_rate * info.world_size * cfg.batch_size / 32
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.multistep, gamma=0.1)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp and cuda)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
     state = TrainState(model, optimizer, scheduler, scaler, StepStats(), cfg.to_dict(), classes)
     at = Position(0, 0)
     if cfg.checkpoint:  # evaluation uses the checkpoint's label order, which may differ
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if cfg.mode == "evaluation":
-        return run_evaluation(cfg, info, model, classes, amp and cuda, epoch=at.epoch - 1)
-    loader = build_loader(cfg, info, seed, amp and cuda, at.data)
+        return run_evaluation(cfg, info, model, classes, fp16, epoch=at.epoch - 1)
+    loader = build_loader(cfg, info, seed, fp16, at.data)
     channels_last = cfg.data_layout == "channels_last" and info.device.type == "cuda"
     train_step = TrainStep(ddp, loss_fn, optimizer, scaler, info.device, amp, channels_last, info)
     if cfg.mode.startswith("benchmark"):
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         set_warmup_lr(optimizer, scheduler, 0, 0)  # hand the scheduled lr back to the scheduler
         scheduler.step()
         if epoch in cfg.evaluation:
-            run_evaluation(cfg, info, model, classes, amp and cuda, epoch, metrics)
+            run_evaluation(cfg, info, model, classes, fp16, epoch, metrics)
         save(cfg, info, state, epoch + 1, 0, loader)
     checksums = D.all_gather_objects(
         sum(float(p.detach().double().sum()) for p in model.parameters()), info
