@@ -29,11 +29,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian chromium for the browser tests (never a browser download by Playwright)
+# Debian chromium for the browser tests (never a browser download by Playwright); GStreamer's
+# RTSP server (through Debian's python3-gi) as the stream tests' camera (devtools/rtsp_server.py)
+RTSP_PACKAGES := python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base \
+	gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: browser tests will be skipped (install Debian's chromium)"; fi; }
+	@dpkg -s $(RTSP_PACKAGES) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES) >/dev/null; \
+	  else echo "GStreamer's RTSP server missing: the RTSP stream test will be skipped ($(RTSP_PACKAGES))"; fi; }
 
 lint: install
 	$(PY) -m ruff check .

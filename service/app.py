@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from service import errors
+from service.addresses import SourcePolicy
 from service.admission import InFlight, UploadAdmission, parse_networks
 from service.backends import Backend
 from service.batching import MicroBatcher
@@ -23,9 +24,10 @@ from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.model_versions import VersionFollower
 from service.pipeline import Pipeline
-from service.routes import images, models, pages, videos
+from service.routes import images, models, pages, streams, videos
 from service.routes.common import api_key_check
 from service.settings import Settings
+from service.streams.manager import StreamManager
 from service.video.spool import VideoSpool
 
 log = logging.getLogger("service")
@@ -121,6 +123,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         app.state.video_slots = videos.VideoSlots(
             settings.max_video_uploads, settings.max_videos, metrics
         )
+        app.state.streams = StreamManager(
+            app.state.pipeline, SourcePolicy(settings.stream_sources), settings, metrics
+        )
         scrape = None
         if settings.metrics_port is not None:  # /metrics on its own port, without the key
             scrape, _ = start_http_server(
@@ -133,6 +138,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             if scrape is not None:
                 scrape.shutdown()
                 scrape.server_close()
+            await app.state.streams.close()
             await follower.close()
             await batcher.close()
             if app.state.video_spool is not None:
@@ -163,6 +169,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     auth = api_key_check(settings)
     app.include_router(images.router(settings, metrics, auth))
     app.include_router(videos.router(settings, metrics, auth))
+    app.include_router(streams.router(settings, metrics, auth))
     app.include_router(models.router(settings, metrics, auth))
     app.include_router(pages.router(settings, auth))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("decode", "queue", "infer", "postprocess", "total")
@@ -68,3 +70,40 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.stream_processed_fps = Gauge(
+            "ssd_stream_processed_fps", "Frames a second detected on a live stream", ["stream"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.stream_input_fps = Gauge(
+            "ssd_stream_input_fps", "Frames a second a live stream's source sends", ["stream"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.stream_lag = Gauge(
+            "ssd_stream_lag_seconds",
+            "From a frame's arrival to its detections, of a live stream's last frame",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.stream_frames_dropped = Counter(
+            "ssd_stream_frames_dropped",
+            "Frames of a live stream never detected on (newer ones were: the latest-frame rule)",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.stream_reconnects = Counter(
+            "ssd_stream_reconnects", "Reconnections of a live stream to its source", ["stream"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.stream_up = Gauge(
+            "ssd_stream_running", "1 while a live stream is running, else 0", ["stream"],
+            registry=self.registry,
+        )  # fmt: skip
+
+    def forget_stream(self, stream: str) -> None:
+        """A stopped stream's series leave the scrape."""
+        for metric in (
+            self.stream_processed_fps, self.stream_input_fps, self.stream_lag,
+            self.stream_frames_dropped, self.stream_reconnects, self.stream_up,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                metric.remove(stream)

@@ -214,6 +214,38 @@ class Settings(BaseSettings):
         "system's temporary folder); what a crashed gateway left there is removed at start",
     )
 
+    # live streams (/v1/streams; service/streams/)
+    max_streams: int = Field(
+        4,
+        ge=0,
+        description="live streams at once (each a worker process and a share of the "
+        "model); beyond: 503. 0: no streams",
+    )
+    stream_fps: float = Field(
+        5.0,
+        gt=0,
+        description="frames per second detected on a stream unless it asks for "
+        "another rate (at most SSD_VIDEO_MAX_FPS)",
+    )
+    stream_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a stream source must connect and send its first frame within "
+        "this, and may fall silent no longer than this before it counts as dropped",
+    )
+    stream_fail_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="a stream whose source has sent no frame for this long, "
+        "through every reconnection, ends as failed (with the reason)",
+    )
+    stream_heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description="an events subscriber hears at least this often (a heartbeat "
+        "when nothing else happened)",
+    )
+
     # security
     api_key: SecretStr | None = Field(
         None,

@@ -55,9 +55,19 @@ def parse_lines(text: str | None) -> tuple[Line, ...]:
             values = json.loads(text)
         else:
             values = [[float(v) for v in part.split(",")] for part in text.split(";") if part]
-        lines = []
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
+    return lines_of(values)
+
+
+def lines_of(values: object) -> tuple[Line, ...]:
+    """Counting lines from a list of [x1, y1, x2, y2] (pixels); 422 for anything else."""
+    lines = []
+    try:
+        if not isinstance(values, list):
+            raise ValueError("a list of lines [x1, y1, x2, y2]")
         for value in values:
-            if len(value) != 4:
+            if not isinstance(value, list | tuple) or len(value) != 4:
                 raise ValueError("a line is four numbers: x1,y1,x2,y2")
             x1, y1, x2, y2 = (float(v) for v in value)
             if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
@@ -65,7 +75,7 @@ def parse_lines(text: str | None) -> tuple[Line, ...]:
             if (x1, y1) == (x2, y2):
                 raise ValueError("a line's two points must differ")
             lines.append(Line(x1, y1, x2, y2))
-    except (ValueError, TypeError, RecursionError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
     if len(lines) > MAX_LINES:
         raise ApiError(422, "invalid_parameter", f"lines: at most {MAX_LINES}")

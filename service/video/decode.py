@@ -23,6 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 from PIL import Image
 
 from service.video.protocol import Frame, VideoError, VideoInfo, VideoLimits
@@ -80,15 +81,7 @@ def probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoI
     if stream.codec_context is None:  # a codec this FFmpeg does not know
         raise VideoError(415, "unsupported_codec", "the video's codec cannot be decoded here")
     width, height = stream.codec_context.width, stream.codec_context.height
-    if width <= 0 or height <= 0:
-        raise VideoError(400, "invalid_video", "the video stream declares no frame size")
-    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
-        raise VideoError(
-            413,
-            "video_too_large",
-            f"frames of {width}x{height} exceed the limit ({limits.max_pixels} pixels, "
-            f"{limits.max_side} a side)",
-        )
+    check_size(width, height, limits)
     duration = 0.0
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
@@ -188,6 +181,63 @@ def frames(
         raise VideoError(
             400, "invalid_video", f"decoding failed at frame {index + 1}: {exc.strerror}"
         ) from None
+
+
+# --- live sources (service/streams/): RTSP cameras ---
+
+# RTP interleaved in the RTSP connection (TCP): no UDP ports opened towards the camera, and no
+# protocol FFmpeg could be led to by the camera (no http, no file)
+STREAM_PROTOCOLS = "rtsp,rtsps,tcp,tls"
+
+
+def open_rtsp(url: str, timeout_s: float) -> av.container.InputContainer:
+    """An RTSP camera, at a URL whose host is an address already checked (never a name FFmpeg
+    would look up again). ``timeout_s`` bounds the connection and every read: a camera that
+    goes silent ends the source instead of holding it for ever."""
+    options = {
+        "rtsp_transport": "tcp",
+        "protocol_whitelist": STREAM_PROTOCOLS,
+        "allowed_media_types": "video",
+        "timeout": str(int(timeout_s * 1e6)),  # socket I/O, microseconds
+    }
+    try:
+        return av.open(url, format="rtsp", options=options, timeout=timeout_s)
+    except (av.FFmpegError, OSError) as exc:  # FFmpeg's network errors are OSErrors too
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise VideoError(502, "source_unavailable", f"the camera cannot be read: {why}") from None
+
+
+def check_size(width: int, height: int, limits: VideoLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise VideoError(400, "invalid_video", "the video stream declares no frame size")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise VideoError(
+            413,
+            "video_too_large",
+            f"frames of {width}x{height} exceed the limit ({limits.max_pixels} pixels, "
+            f"{limits.max_side} a side)",
+        )
+
+
+def live_pictures(
+    container: av.container.InputContainer, limits: VideoLimits
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """A camera's frames as they come: (width, height, 300x300 RGB), each checked against the
+    size limits (a camera may change its resolution mid-stream)."""
+    if not container.streams.video:
+        raise VideoError(400, "no_video_stream", "the source has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    try:
+        for frame in container.decode(stream):
+            check_size(frame.width, frame.height, limits)
+            pixels = frame.reformat(
+                width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
+            ).to_ndarray()
+            yield frame.width, frame.height, pixels
+    except (av.FFmpegError, OSError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise VideoError(502, "source_unavailable", f"the camera's stream broke: {why}") from None
 
 
 # --- the client's annotated copy: every frame as a picture, and an H.264 writer ---

@@ -34,6 +34,7 @@ from service.pipeline import (
 from service.video.protocol import Frame, VideoError, VideoInfo
 from service.video.tracking import Line, LineCounter, Tracker
 from service.video.worker import DecodeWorker
+from ssdcore.postprocess import Detections
 from ssdcore.tiling import TilePlan
 
 
@@ -191,32 +192,18 @@ class VideoRun:
         line: dict,
     ) -> list[dict]:
         t0 = time.perf_counter()
-        pp, allowed = self.params.detect.postprocess, self.params.detect.allowed(info.classes)
-        dets = [run_detections(r, pp, allowed) for r in results]  # the frame's, or its tiles'
-        if self.plan is not None:
-            det = merge_tiles(self.plan, dets, self.pipe.tile_merge, pp)
-        else:
-            det = dets[0]
-        w, h = self.video.width, self.video.height
-        out = to_pixel_detections(det.boxes, det.scores, det.classes, w, h, info.classes)
+        tile_merge = self.pipe.tile_merge
+        out, det = frame_detections(
+            results, info, self.params.detect, self.plan, tile_merge, self.video.width,
+            self.video.height,
+        )  # fmt: skip
         t1 = time.perf_counter()
         stages.postprocess += t1 - t0
         if tracker is None:
             return out
-        pixels = np.asarray(
-            [[d["box"]["x1"], d["box"]["y1"], d["box"]["x2"], d["box"]["y2"]] for d in out],
-            dtype=np.float64,
-        ).reshape(-1, 4)
-        ids = tracker.update(pixels, det.scores, det.classes)
-        for d, track_id in zip(out, ids.tolist()):
-            d["track_id"] = track_id if track_id >= 0 else None
-        if counter is not None:
-            crossings = counter.update(pixels, det.classes, ids)
-            if crossings:
-                line["crossings"] = [
-                    {"line": index, "track_id": track, "direction": direction}
-                    for index, track, direction in crossings
-                ]
+        crossings = track_detections(out, det, tracker, counter)
+        if crossings:
+            line["crossings"] = crossings
         stages.tracking += time.perf_counter() - t1
         return out
 
@@ -273,3 +260,42 @@ class VideoRun:
                 "frames_per_second": round(processed / total, 3) if total > 0 else None,
             }
         }
+
+
+def frame_detections(
+    results: list[BatchResult],
+    info: ModelInfo,
+    detect: DetectParams,
+    plan: TilePlan | None,
+    tile_merge: str,
+    width: int,
+    height: int,
+) -> tuple[list[dict], Detections]:
+    """A frame's detections in its pixels (and as NMS gave them: scores, contiguous labels):
+    NMS on the model's output (of the frame, or of its tiles merged), the classes the request
+    keeps, labels of the version that answered."""
+    pp, allowed = detect.postprocess, detect.allowed(info.classes)
+    dets = [run_detections(r, pp, allowed) for r in results]  # the frame's, or its tiles'
+    det = merge_tiles(plan, dets, tile_merge, pp) if plan is not None else dets[0]
+    out = to_pixel_detections(det.boxes, det.scores, det.classes, width, height, info.classes)
+    return out, det
+
+
+def track_detections(
+    detections: list[dict], det: Detections, tracker: Tracker, counter: LineCounter | None
+) -> list[dict]:
+    """Each detection's ``track_id`` set (None: not confirmed yet); the line crossings of this
+    frame, in the answer's form."""
+    pixels = np.asarray(
+        [[d["box"]["x1"], d["box"]["y1"], d["box"]["x2"], d["box"]["y2"]] for d in detections],
+        dtype=np.float64,
+    ).reshape(-1, 4)
+    ids = tracker.update(pixels, det.scores, det.classes)
+    for d, track_id in zip(detections, ids.tolist()):
+        d["track_id"] = track_id if track_id >= 0 else None
+    if counter is None:
+        return []
+    return [
+        {"line": index, "track_id": track, "direction": direction}
+        for index, track, direction in counter.update(pixels, det.classes, ids)
+    ]

@@ -12,7 +12,8 @@ import numpy as np
 FRAME_SHAPE = (300, 300, 3)
 HEADER = struct.Struct("<cI")  # kind, payload length
 FRAME_HEAD = struct.Struct("<Id")  # index, pts_s
-INFO, FRAME, ERROR, DONE = b"I", b"F", b"E", b"D"
+LIVE_HEAD = struct.Struct("<IdII")  # index, captured (Unix time), width, height
+INFO, FRAME, ERROR, DONE, LIVE = b"I", b"F", b"E", b"D", b"L"
 
 
 class VideoError(Exception):
@@ -58,6 +59,28 @@ def info_message(info: VideoInfo) -> bytes:
 
 def frame_message(frame: Frame) -> bytes:
     return message(FRAME, FRAME_HEAD.pack(frame.index, frame.pts_s) + frame.pixels.tobytes())
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """A frame of a live source: the newest when the gateway asked for one."""
+
+    index: int  # frames the source gave since the connection began, this one included, minus 1
+    captured: float  # when the worker had it decoded (Unix time: the lag's start)
+    width: int  # of the source's picture (boxes are mapped back to it)
+    height: int
+    pixels: np.ndarray  # (300, 300, 3) uint8 RGB
+
+
+def live_message(frame: LiveFrame) -> bytes:
+    head = LIVE_HEAD.pack(frame.index, frame.captured, frame.width, frame.height)
+    return message(LIVE, head + frame.pixels.tobytes())
+
+
+def parse_live(payload: bytes) -> LiveFrame:
+    index, captured, width, height = LIVE_HEAD.unpack_from(payload)
+    pixels = np.frombuffer(payload, np.uint8, offset=LIVE_HEAD.size).reshape(FRAME_SHAPE)
+    return LiveFrame(index, captured, width, height, pixels)
 
 
 def error_message(error: VideoError) -> bytes:

@@ -1,0 +1,479 @@
+"""Live streams: each a task that keeps a worker connected to its source (service/streams/
+worker.py), detects on the newest frame at the stream's rate, tracks, counts line crossings and
+publishes one event per processed frame to its subscribers.
+
+- Latest-frame rule: the worker always hands over its newest frame; frames the model had no time
+  for are counted (``frames_dropped``), never queued, so lag stays bounded however slow the model.
+  Tracks continue through skipped frames (the tracker is told the rate actually processed).
+- Frames go to the micro-batcher as background work, after still images (the fairness rule of
+  videos): an image request waits for one batch of frames at most.
+- A source that drops (camera restart, network cut, end of a file served as a stream) is
+  reconnected with backoff (0.5 s doubling to 8 s), state ``reconnecting``; tracks restart after
+  a reconnection (ids keep growing: an id is never given twice in one stream). A stream whose
+  source sent no frame for ``SSD_STREAM_FAIL_AFTER_S`` ends ``failed`` with the reason; a refused
+  address or a source of the wrong kind ends it at once.
+- Every frame is answered by the version the backend serves then; an event names it. Tracks go
+  on across a new version with the same class list and restart when the list changes.
+- Subscribers each have a queue of ``SUBSCRIBER_QUEUE`` events; a full queue loses its oldest
+  event, and the next event delivered says how many were ``missed``. A slow subscriber never
+  slows the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from service.addresses import AddressRefused, ResolverBusy, SourcePolicy, Target, Unresolvable
+from service.backends import ModelInfo
+from service.batching import BatchResult
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.pipeline import DetectParams, Pipeline
+from service.settings import Settings
+from service.streams.worker import SourceSpec, StreamWorker
+from service.video.processing import frame_detections, track_detections
+from service.video.protocol import VideoError, VideoInfo, VideoLimits
+from service.video.tracking import Line, LineCounter, Tracker
+
+log = logging.getLogger("service")
+
+SCHEMES = ("rtsp", "rtsps", "http", "https")
+SUBSCRIBER_QUEUE = 16
+BACKOFF_S = (0.5, 8.0)  # first wait before reconnecting, longest
+# a source answering this is not retried: it will not become another kind of source
+PERMANENT = {"unsupported_source", "source_redirected", "video_too_large", "frame_too_large"}
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    source: str
+    fps: float
+    detect: DetectParams
+    lines: tuple[Line, ...] = ()
+    name: str | None = None
+
+
+class Subscriber:
+    """One listener's queue of events (on the event loop; no locks)."""
+
+    def __init__(self, size: int = SUBSCRIBER_QUEUE) -> None:
+        self.events: collections.deque[dict] = collections.deque()
+        self.size = size
+        self.missed = 0
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def offer(self, event: dict) -> None:
+        if len(self.events) >= self.size:
+            self.events.popleft()
+            self.missed += 1
+        self.events.append(event)
+        self.ready.set()
+
+    async def next(self, timeout: float) -> dict | None:
+        """The next event (with ``missed`` when some were lost before it), or None when
+        ``timeout`` passed without one."""
+        if not self.events and not self.closed:
+            self.ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+        if not self.events:
+            return None
+        event = self.events.popleft()
+        if self.missed:
+            event = {**event, "missed": self.missed}
+            self.missed = 0
+        return event
+
+
+class _Rate:
+    """Events a second over the last few seconds."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.times: collections.deque[float] = collections.deque()
+        self.window_s = window_s
+
+    def add(self, t: float, count: int = 1) -> None:
+        self.times.extend([t] * count)
+        while self.times and self.times[0] < t - self.window_s:
+            self.times.popleft()
+
+    def per_second(self, now: float) -> float:
+        while self.times and self.times[0] < now - self.window_s:
+            self.times.popleft()
+        if len(self.times) < 2:
+            return 0.0
+        span = max(now - self.times[0], 1e-6)
+        return round(len(self.times) / span, 2)
+
+
+class LiveStream:
+    """One stream: its state, figures and subscribers, and the task that runs it."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        params: StreamParams,
+        pipe: Pipeline,
+        policy: SourcePolicy,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.id = stream_id
+        self.params = params
+        self.pipe = pipe
+        self.policy = policy
+        self.settings = settings
+        self.metrics = metrics
+        self.state = "connecting"
+        self.reason: str | None = None
+        self.created = time.time()
+        self.last_frame_at: float | None = None  # monotonic
+        self.processed = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.lag_s: float | None = None
+        self.source_info: VideoInfo | None = None
+        self.model_version: str | None = None
+        self.counts: list[dict] = [{"in": {}, "out": {}} for _ in params.lines]
+        self.subscribers: set[Subscriber] = set()
+        self._processed_rate = _Rate()
+        self._input_rate = _Rate()
+        self._worker: StreamWorker | None = None
+        # a new tracker (after a reconnection, or a new class list) numbers from 1 again: its
+        # ids are shown above every id given before, so an id names one object in a stream
+        self._id_offset = 0
+        self._max_id = 0
+        self.task: asyncio.Task | None = None
+
+    # --- what GET /v1/streams says ---
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        info = self.source_info
+        return {
+            "id": self.id,
+            "name": self.params.name,
+            "source": redacted(self.params.source),
+            "state": self.state,
+            "reason": self.reason,
+            "fps": self.params.fps,
+            "input_fps": self._input_rate.per_second(now),
+            "processed_fps": self._processed_rate.per_second(now),
+            "lag_ms": round(self.lag_s * 1e3, 1) if self.lag_s is not None else None,
+            "frames_processed": self.processed,
+            "frames_dropped": self.dropped,
+            "reconnects": self.reconnects,
+            "model_version": self.model_version,
+            "width": info.width if info else None,
+            "height": info.height if info else None,
+            "codec": info.codec if info else None,
+            "lines": [
+                {"line": [ln.x1, ln.y1, ln.x2, ln.y2], **counts}
+                for ln, counts in zip(self.params.lines, self.counts)
+            ],
+            "subscribers": len(self.subscribers),
+            "created": self.created,
+        }
+
+    # --- events ---
+
+    def publish(self, kind: str, body: dict) -> None:
+        event = {"event": kind, "stream": self.id, **body}
+        for subscriber in self.subscribers:
+            subscriber.offer(event)
+
+    def subscribe(self) -> Subscriber:
+        subscriber = Subscriber()
+        subscriber.closed = self.state in ("failed", "stopped")  # nothing more will come
+        self.subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        self.state, self.reason = state, reason
+        self.metrics.stream_up.labels(self.id).set(1 if state == "running" else 0)
+        log.info("stream %s: %s%s", self.id, state, f" ({reason})" if reason else "")
+        self.publish("state", {"state": state, "reason": reason, "reconnects": self.reconnects})
+
+    # --- the task ---
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"stream-{self.id}")
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.state != "failed":
+            self._set_state("stopped")
+        self._close_subscribers()
+        self.metrics.forget_stream(self.id)
+
+    def _close_subscribers(self) -> None:
+        """Their responses end once they have had every event so far."""
+        for subscriber in self.subscribers:
+            subscriber.closed = True
+            subscriber.ready.set()
+
+    def _fail(self, reason: str) -> None:
+        self._set_state("failed", reason)
+        self._close_subscribers()
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_S[0]
+        since = time.monotonic()  # the last frame, or the start
+        first = True
+        while True:
+            reason = None
+            if not first:
+                self.reconnects += 1
+                self.metrics.stream_reconnects.labels(self.id).inc()
+            first = False
+            try:
+                await self._connect_and_process()
+                reason = "the source ended"
+            except AddressRefused as exc:
+                self._fail(f"source_refused: {exc}")
+                return
+            except VideoError as exc:
+                if exc.code in PERMANENT:
+                    self._fail(f"{exc.code}: {exc.message}")
+                    return
+                reason = f"{exc.code}: {exc.message}"
+            except (Unresolvable, ResolverBusy, ApiError, TimeoutError, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                if self._worker is not None:
+                    self._worker.kill()
+                    self._worker = None
+            if self.last_frame_at is not None:
+                since = max(since, self.last_frame_at)
+            if time.monotonic() - since >= self.settings.stream_fail_after_s:
+                self._fail(f"no frame for {self.settings.stream_fail_after_s:g} s; last: {reason}")
+                return
+            self._set_state("reconnecting", reason)
+            await asyncio.sleep(backoff)
+            backoff = BACKOFF_S[0] if self._ran_a_while() else min(2 * backoff, BACKOFF_S[1])
+
+    def _ran_a_while(self) -> bool:
+        return self.last_frame_at is not None and time.monotonic() - self.last_frame_at < 1.0
+
+    async def _connect_and_process(self) -> None:
+        timeout = self.settings.stream_timeout_s
+        target = await self.policy.check(self.params.source, SCHEMES)
+        spec = source_spec(target, self.settings)
+        self._worker = worker = await StreamWorker.launch(spec)
+        async with asyncio.timeout(timeout):
+            info = await worker.info()
+        self.source_info = info
+        self._set_state("running")
+        await self._process(worker, info)
+
+    async def _process(self, worker: StreamWorker, info: VideoInfo) -> None:
+        pipe, params = self.pipe, self.params
+        loop = asyncio.get_running_loop()
+        period = 1.0 / params.fps
+        tracker: Tracker | None = None
+        counter: LineCounter | None = None
+        classes = None
+        last_index = -1
+        next_at = time.monotonic()
+        while True:
+            wait = next_at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            next_at = max(next_at + period, time.monotonic())
+            async with asyncio.timeout(2 * self.settings.stream_timeout_s):
+                frame = await worker.newest()
+            if frame is None:
+                return
+            now = time.monotonic()
+            self.last_frame_at = now
+            skipped = frame.index - last_index - 1
+            self._input_rate.add(now, frame.index - last_index)
+            last_index = frame.index
+            if skipped:
+                self.dropped += skipped
+                self.metrics.stream_frames_dropped.labels(self.id).inc(skipped)
+            results = await pipe.batcher.submit(
+                [frame.pixels], deadline=time.perf_counter() + pipe.timeout_s, background=True
+            )
+            model: ModelInfo = pipe.backend.info_for(results[0].candidates.version)
+            if model.classes != classes or tracker is None:  # a new class list: new tracks
+                tracker = Tracker(
+                    self._processed_rate.per_second(now) or params.fps,
+                    params.detect.postprocess.score_threshold,
+                    span=max(frame.width, frame.height),
+                )
+                counter = LineCounter(list(params.lines)) if params.lines else None
+                self._id_offset = self._max_id
+                classes = model.classes
+            detections, crossings = await loop.run_in_executor(
+                pipe.pool, self._detect, results, model, frame.width, frame.height, tracker, counter
+            )
+            self.lag_s = time.time() - frame.captured
+            self.processed += 1
+            self._processed_rate.add(time.monotonic())
+            self._record(model, crossings, detections)
+            event: dict[str, Any] = {
+                "frame": frame.index,
+                "captured": round(frame.captured, 3),
+                "lag_ms": round(self.lag_s * 1e3, 1),
+                "skipped": skipped,
+                "model_version": model.version,
+                "width": frame.width,
+                "height": frame.height,
+                "detections": detections,
+            }
+            if crossings:
+                event["crossings"] = crossings
+            self.publish("frame", event)
+
+    def _detect(
+        self,
+        results: list[BatchResult],
+        model: ModelInfo,
+        width: int,
+        height: int,
+        tracker: Tracker,
+        counter: LineCounter | None,
+    ) -> tuple[list[dict], list[dict]]:
+        detections, det = frame_detections(
+            results, model, self.params.detect, None, self.pipe.tile_merge, width, height
+        )
+        crossings = track_detections(detections, det, tracker, counter)
+        for d in detections:
+            if d["track_id"] is not None:
+                d["track_id"] += self._id_offset
+                self._max_id = max(self._max_id, d["track_id"])
+        labels = {d["track_id"]: d["label"] for d in detections}
+        for c in crossings:
+            c["track_id"] += self._id_offset
+            c["label"] = labels.get(c["track_id"])
+        return detections, crossings
+
+    def _record(self, model: ModelInfo, crossings: list[dict], detections: list[dict]) -> None:
+        if model.version != self.model_version:
+            if self.model_version is not None:
+                self.publish(
+                    "model_version_changed", {"from": self.model_version, "to": model.version}
+                )
+            self.model_version = model.version
+        for c in crossings:
+            tally = self.counts[c["line"]][c["direction"]]
+            label = c.get("label") or "?"
+            tally[label] = tally.get(label, 0) + 1
+        now = time.monotonic()
+        self.metrics.stream_processed_fps.labels(self.id).set(self._processed_rate.per_second(now))
+        self.metrics.stream_input_fps.labels(self.id).set(self._input_rate.per_second(now))
+        self.metrics.stream_lag.labels(self.id).set(self.lag_s or 0.0)
+
+
+def redacted(url: str) -> str:
+    """A source URL without its password (cameras' URLs carry credentials)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def source_spec(target: Target, settings: Settings) -> SourceSpec:
+    """What the worker connects to: the checked address, never the name again."""
+    url = target.url
+    address = target.addresses[0]
+    shown = f"[{address}]" if ":" in address else address
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    scheme = url.scheme.lower()
+    auth = ""
+    if url.username is not None:
+        auth = url.username + (f":{url.password}" if url.password is not None else "") + "@"
+    pinned = f"{scheme}://{auth}{shown}:{target.port}{path}"
+    limits = VideoLimits(settings.max_video_pixels, settings.max_video_side, float("inf"))
+    return SourceSpec(
+        kind="rtsp" if scheme.startswith("rtsp") else "mjpeg",
+        url=pinned,
+        address=address,
+        port=target.port,
+        host=target.host,
+        path=path,
+        tls=scheme in ("https", "rtsps"),
+        timeout_s=settings.stream_timeout_s,
+        limits=limits,
+        max_part_bytes=settings.max_body_bytes,
+        ca_file=str(settings.image_url_ca_file) if settings.image_url_ca_file else None,
+    )
+
+
+class StreamManager:
+    """The gateway's streams (``SSD_MAX_STREAMS`` at most)."""
+
+    def __init__(
+        self, pipe: Pipeline, policy: SourcePolicy, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.pipe, self.policy, self.settings, self.metrics = pipe, policy, settings, metrics
+        self.streams: dict[str, LiveStream] = {}
+
+    async def add(self, params: StreamParams, stream_id: str | None = None) -> LiveStream:
+        """A new stream, its source checked first (4xx when refused); 503 beyond the limit."""
+        if self.settings.max_streams == 0:
+            raise ApiError(503, "streams_disabled", "streams are off here (SSD_MAX_STREAMS=0)")
+        running = [s for s in self.streams.values() if s.state not in ("failed", "stopped")]
+        if len(running) >= self.settings.max_streams:
+            self.metrics.rejected.labels("too_many_streams").inc()
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"{self.settings.max_streams} streams run already (SSD_MAX_STREAMS); stop one "
+                "(DELETE /v1/streams/{id}) first",
+            )
+        try:
+            await self.policy.check(params.source, SCHEMES)
+        except AddressRefused as exc:
+            raise ApiError(422, "source_refused", str(exc)) from None
+        except Unresolvable as exc:
+            raise ApiError(422, "source_unresolvable", str(exc)) from None
+        except ResolverBusy as exc:
+            raise ApiError(503, "resolver_busy", str(exc), {"Retry-After": "5"}) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid_source", str(exc)) from None
+        stream_id = stream_id or secrets.token_hex(6)
+        old = self.streams.pop(stream_id, None)
+        if old is not None:
+            await old.stop()
+        stream = LiveStream(stream_id, params, self.pipe, self.policy, self.settings, self.metrics)
+        self.streams[stream_id] = stream
+        stream.start()
+        return stream
+
+    def get(self, stream_id: str) -> LiveStream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise ApiError(404, "stream_not_found", f"no stream {stream_id!r}")
+        return stream
+
+    async def remove(self, stream_id: str) -> None:
+        stream = self.get(stream_id)
+        del self.streams[stream_id]
+        await stream.stop()
+
+    async def close(self) -> None:
+        streams, self.streams = list(self.streams.values()), {}
+        await asyncio.gather(*(s.stop() for s in streams), return_exceptions=True)

@@ -1,0 +1,335 @@
+"""The stream worker: one process per connection to a live source, so that a camera whose
+stream crashes FFmpeg ends that stream only, never the gateway.
+
+The gateway starts ``python -m service.streams.worker SPEC`` (:class:`StreamWorker`) with an
+address it has already checked (service/addresses.py); the worker never looks a name up. A
+reading thread takes frames from the source as fast as the source sends them and keeps only the
+newest (the latest-frame policy: the source is never made to wait, so it never buffers and lag
+never grows however slow the model). The gateway asks for a frame by writing one byte on the
+worker's stdin and gets the newest one it has not had yet (its index says how many were skipped).
+
+Sources:
+- RTSP (``rtsp``, ``rtsps``): FFmpeg through service/video/decode.py, RTP interleaved over the
+  RTSP connection, FFmpeg's protocols limited to ``rtsp,rtsps,tcp,tls``;
+- MJPEG over HTTP (``http``, ``https``; ``multipart/x-mixed-replace``, what IP cameras and
+  ``motion``-style servers send): read here with the standard library, each part decoded as an
+  uploaded image is (service/imaging.py). A redirect is not followed (its target would not have
+  been checked).
+
+Messages on stdout (service/video/protocol.py): INFO once the first frame arrived, then one LIVE
+per request, and ERROR or DONE when the source ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from service.video.protocol import (
+    DONE,
+    ERROR,
+    LIVE,
+    LiveFrame,
+    VideoError,
+    VideoInfo,
+    VideoLimits,
+    parse_live,
+)
+from service.video.worker import DecodeWorker
+
+MAX_HEADER_LINE = 8192
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a worker connects: ``url`` for RTSP (its host already the checked address);
+    ``address``/``port``/``host``/``path``/``tls`` for MJPEG over HTTP."""
+
+    kind: str  # "rtsp" or "mjpeg"
+    url: str
+    address: str
+    port: int
+    host: str
+    path: str
+    tls: bool
+    timeout_s: float  # the connection, and any silence of the source
+    limits: VideoLimits
+    max_part_bytes: int  # one MJPEG part at most
+    ca_file: str | None = None
+
+
+class StreamWorker(DecodeWorker):
+    """The gateway's side of one stream worker."""
+
+    @classmethod
+    async def launch(cls, spec: SourceSpec) -> StreamWorker:
+        body = {**spec.__dict__, "limits": spec.limits.__dict__}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.streams.worker",
+            json.dumps(body),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        return cls(process)
+
+    async def newest(self) -> LiveFrame | None:
+        """The newest frame the worker has and the gateway has not had (waits for one); None
+        once the source ended."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(b"n")
+            await self.process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker is gone: reading says how
+        kind, payload = await self._message()
+        if kind == LIVE:
+            self.frames_read += 1
+            return parse_live(payload)
+        if kind == DONE:
+            return None
+        if kind == ERROR:
+            self._raise(payload)
+        raise VideoError(502, "source_unavailable", f"unexpected message {kind!r} from the worker")
+
+    def kill(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        super().kill()
+
+
+# --- the worker process ---
+
+
+class Newest:
+    """The reading thread's hand-over: the newest frame, the header, how the source ended."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.frame: LiveFrame | None = None
+        self.info: VideoInfo | None = None
+        self.ended = False
+        self.error: VideoError | None = None
+
+    def put(self, frame: LiveFrame, info: VideoInfo) -> None:
+        with self.cond:
+            self.frame = frame
+            self.info = self.info or info
+            self.cond.notify_all()
+
+    def end(self, error: VideoError | None) -> None:
+        with self.cond:
+            self.ended, self.error = True, error
+            self.cond.notify_all()
+
+    def header(self) -> VideoInfo | VideoError | None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.info is not None or self.ended)
+            return self.info if self.info is not None else self.error
+
+    def after(self, index: int) -> LiveFrame | None:
+        """A frame newer than ``index``, or None once the source ended without one."""
+        with self.cond:
+            self.cond.wait_for(
+                lambda: (self.frame is not None and self.frame.index > index) or self.ended
+            )
+            if self.frame is not None and self.frame.index > index:
+                return self.frame
+            return None
+
+
+def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[LiveFrame, VideoInfo]]:
+    from service.video.decode import live_pictures, open_rtsp
+
+    container = open_rtsp(spec.url, spec.timeout_s)
+    with container:
+        stream = container.streams.video[0] if container.streams.video else None
+        codec = stream.codec_context.name if stream is not None else "none"
+        rate = stream.average_rate or stream.guessed_rate if stream is not None else None
+        for index, (width, height, pixels) in enumerate(live_pictures(container, spec.limits)):
+            info = VideoInfo("rtsp", codec, width, height, float(rate or 0), 0.0, 0)
+            yield LiveFrame(index, time.time(), width, height, pixels), info
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """HTTP(S) to a checked address, saying the URL's host (Host header, TLS name)."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        super().__init__(spec.host, spec.port, timeout=spec.timeout_s)
+        self.spec = spec
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.spec.address, self.spec.port), self.timeout)
+        if self.spec.tls:
+            context = ssl.create_default_context(cafile=self.spec.ca_file)
+            sock = context.wrap_socket(sock, server_hostname=self.spec.host)
+        self.sock = sock
+
+
+def _boundary(content_type: str) -> bytes | None:
+    mime, _, rest = content_type.partition(";")
+    if mime.strip().lower() != "multipart/x-mixed-replace":
+        return None
+    for param in rest.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            value = value.strip().strip('"')
+            return (value if value.startswith("--") else "--" + value).encode()
+    return None
+
+
+def mjpeg_parts(spec: SourceSpec) -> Iterator[bytes]:
+    """The JPEG parts of an MJPEG-over-HTTP source, as they arrive."""
+    conn = _PinnedConnection(spec)
+    try:
+        conn.request("GET", spec.path, headers={"User-Agent": "ssd300-service"})
+        resp = conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        raise VideoError(502, "source_unavailable", f"the source cannot be read: {exc}") from None
+    if 300 <= resp.status < 400:
+        raise VideoError(
+            502,
+            "source_redirected",
+            f"the source answered {resp.status} (a redirect): stream sources are not followed "
+            "elsewhere; give the final URL",
+        )
+    if resp.status != 200:
+        raise VideoError(502, "source_unavailable", f"the source answered HTTP {resp.status}")
+    delimiter = _boundary(resp.getheader("content-type", ""))
+    if delimiter is None:
+        raise VideoError(
+            415,
+            "unsupported_source",
+            "an http(s) source must send MJPEG (multipart/x-mixed-replace); this one sent "
+            f"{resp.getheader('content-type', 'no content type')!r}",
+        )
+    closing = delimiter + b"--"
+
+    def line() -> bytes:
+        data = resp.readline(MAX_HEADER_LINE + 1)
+        if len(data) > MAX_HEADER_LINE:
+            raise VideoError(502, "invalid_source", "a line of the MJPEG stream is too long")
+        return data
+
+    try:
+        while (first := line()) and first.strip() != delimiter:  # the preamble
+            pass
+        while first:
+            length = None
+            while header := line().strip():
+                key, _, value = header.partition(b":")
+                if key.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            if length is not None:
+                if not 0 < length <= spec.max_part_bytes:
+                    raise VideoError(413, "frame_too_large", f"an MJPEG part of {length} bytes")
+                body = resp.read(length)
+                if len(body) < length:
+                    return
+                while (rest := line()) and rest.strip() not in (delimiter, closing):
+                    pass
+            else:  # no length: the part runs to the next delimiter line
+                chunks, size = [], 0
+                while (rest := resp.readline(spec.max_part_bytes + 1)) and rest.strip() not in (
+                    delimiter,
+                    closing,
+                ):
+                    size += len(rest)
+                    if size > spec.max_part_bytes:
+                        raise VideoError(413, "frame_too_large", "an MJPEG part is too large")
+                    chunks.append(rest)
+                body = b"".join(chunks).removesuffix(b"\r\n").removesuffix(b"\n")
+            if body:
+                yield body
+            if not rest or rest.strip() == closing:
+                return
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if isinstance(exc, TimeoutError | socket.timeout):
+            raise VideoError(
+                504, "source_silent", f"the source sent nothing for {spec.timeout_s:g} s"
+            ) from None
+        raise VideoError(502, "source_unavailable", f"the source broke off: {exc}") from None
+    finally:
+        conn.close()
+
+
+def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[LiveFrame, VideoInfo]]:
+    from service.errors import ApiError
+    from service.imaging import ImageLimits, decode_image
+
+    limits = ImageLimits(spec.limits.max_pixels, spec.limits.max_side)
+    for index, part in enumerate(mjpeg_parts(spec)):
+        try:
+            image = decode_image(part, limits)
+        except ApiError as exc:
+            raise VideoError(
+                502, "invalid_source", f"a frame of the source: {exc.message}"
+            ) from None
+        info = VideoInfo("mjpeg", "mjpeg", image.width, image.height, 0.0, 0.0, 0)
+        yield LiveFrame(index, time.time(), image.width, image.height, image.pixels), info
+
+
+def read_source(spec: SourceSpec, newest: Newest) -> None:
+    """The reading thread: frames into ``newest`` until the source ends or fails."""
+    frames = rtsp_frames if spec.kind == "rtsp" else mjpeg_frames
+    try:
+        for frame, info in frames(spec):
+            newest.put(frame, info)
+        newest.end(None)
+    except VideoError as exc:
+        newest.end(exc)
+    except (MemoryError, ValueError, OverflowError, RuntimeError, OSError) as exc:
+        newest.end(VideoError(502, "source_unavailable", f"the source cannot be read: {exc}"))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway's Ctrl-C is the gateway's
+    from service.video import protocol
+
+    body = json.loads(argv[0])
+    spec = SourceSpec(**{**body, "limits": VideoLimits(**body["limits"])})
+    newest = Newest()
+    threading.Thread(target=read_source, args=(spec, newest), daemon=True).start()
+    out, requests = sys.stdout.buffer, sys.stdin.buffer
+    try:
+        header = newest.header()
+        if isinstance(header, VideoInfo):
+            out.write(protocol.info_message(header))
+        else:
+            error = header or VideoError(502, "source_unavailable", "the source sent no frame")
+            out.write(protocol.error_message(error))
+        out.flush()
+        sent = -1
+        while isinstance(header, VideoInfo) and requests.read(1):
+            frame = newest.after(sent)
+            if frame is None:
+                if newest.error is not None:
+                    out.write(protocol.error_message(newest.error))
+                else:
+                    out.write(protocol.done_message(sent + 1))
+                out.flush()
+                break
+            out.write(protocol.live_message(frame))
+            out.flush()
+            sent = frame.index
+    except BrokenPipeError:  # the gateway stopped reading
+        with contextlib.suppress(OSError):
+            os.close(1)
+    os._exit(0)  # the reading thread may be blocked in a read: it goes with the process
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,314 @@
+"""``/v1/streams`` against real sources on 127.0.0.1: an RTSP camera (GStreamer's RTSP server
+playing the scene clip, killed and restarted), MJPEG over HTTP, and sources that misbehave;
+events read as Server-Sent Events over real HTTP (uvicorn), the scene model detecting."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from devtools import rtsp_server
+from devtools.videos import COUNTING_LINE
+from loadtest.processes import free_port
+from service.settings import Settings
+from service.streams.manager import Subscriber
+from tests.service.conftest import LiveService, run_service
+from tests.service.video.stream_sources import Sources, scene_jpegs, sse_events
+from tests.service.video.test_videos_api import track_ids
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def live(scene_repo) -> Iterator[LiveService]:
+    settings = Settings(
+        model_repository=scene_repo,
+        model_name="ssd300_onnx",
+        max_streams=3,
+        stream_timeout_s=2.0,
+        stream_fail_after_s=5.0,
+        stream_heartbeat_s=1.0,
+    )
+    with run_service(settings) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def sources() -> Iterator[Sources]:
+    server = Sources(scene_jpegs(), fps=25)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def camera_port() -> int:
+    why = rtsp_server.available()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the RTSP server cannot run: {why}")
+        pytest.skip(why)
+    return free_port()
+
+
+def start(live: LiveService, **body) -> dict:
+    with live.client() as c:
+        r = c.post("/v1/streams", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def stop(live: LiveService, stream_id: str) -> None:
+    with live.client() as c:
+        assert c.delete(f"/v1/streams/{stream_id}").status_code == 204
+        assert c.get(f"/v1/streams/{stream_id}").status_code == 404
+
+
+def described(live: LiveService, stream_id: str) -> dict:
+    with live.client() as c:
+        return c.get(f"/v1/streams/{stream_id}").json()
+
+
+def wait_state(live: LiveService, stream_id: str, state: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = described(live, stream_id)
+        if body["state"] == state:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"never {state}: {body}")
+
+
+def events_until(live: LiveService, stream_id: str, done, timeout: float = 60) -> list:
+    """Events of the stream (kind, data) until ``done(kind, data)`` is true."""
+    seen = []
+    with (
+        httpx.Client(base_url=live.url, timeout=timeout) as c,
+        c.stream("GET", f"/v1/streams/{stream_id}/events") as r,
+    ):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        deadline = time.monotonic() + timeout
+        for kind, data in sse_events(r):
+            seen.append((kind, data))
+            if done(kind, data):
+                return seen
+            assert time.monotonic() < deadline, seen[-5:]
+    return seen
+
+
+def test_rtsp_camera_tracked_counted_and_reconnected(live, scene_clip, camera_port, tmp_path):
+    """The clip over RTSP: tracks and line counts as the ground truth says; the clip's end and
+    the server killed are reconnections (state events), the server back is running again."""
+    clip, truth = scene_clip
+    log = tmp_path / "rtsp.log"
+    camera = rtsp_server.start(clip, camera_port, log)
+    try:
+        stream = start(
+            live,
+            source=f"rtsp://127.0.0.1:{camera_port}/live",
+            fps=10,
+            lines=[list(COUNTING_LINE)],
+            name="gate",
+        )
+        sid = stream["id"]
+        assert stream["name"] == "gate" and stream["state"] in ("connecting", "running")
+        events = events_until(live, sid, lambda k, d: k == "state" and d["state"] == "reconnecting")
+        frames = [d for k, d in events if k == "frame"]
+        # one pass of the clip (75 frames, 3 s), detected at most 10 a second, the newest each
+        # time: the indices grow, what the model had no time for is counted as skipped
+        indices = [f["frame"] for f in frames]
+        assert indices == sorted(set(indices)) and len(frames) >= 10, indices
+        assert all(f["skipped"] == b - a - 1 for f, a, b in zip(frames[1:], indices, indices[1:]))
+        assert max(indices) >= 70, indices  # the clip's end reached
+        assert {f["width"] for f in frames} == {640} and {f["model_version"] for f in frames} == {
+            "1"
+        }
+        # the scene's three objects, each under one track id in most frames it was found in
+        # (None: found, its track not confirmed yet, as on a track's first frame)
+        for index, ids in track_ids(frames, truth).items():
+            hits = [i for i in ids if i != "miss"]
+            assert len(hits) >= 0.6 * len(ids), (index, ids)
+            tracked = [i for i in hits if i is not None]
+            (_, most), *_ = collections.Counter(tracked).most_common(1)
+            assert most >= 0.7 * len(tracked), (index, ids)
+        body = described(live, sid)
+        (line,) = body["lines"]
+        assert line["in"] == {"car": 1} and line["out"] == {"person": 1}, line
+        # lag bounded: the newest frame each time, so no growth along the pass
+        lags = [f["lag_ms"] for f in frames]
+        third = len(lags) // 3
+        assert statistics.median(lags[-third:]) <= 2 * statistics.median(lags[:third]) + 100, lags
+
+        # the clip ended: the stream reconnects and runs the clip again
+        body = wait_state(live, sid, "running")
+        assert body["reconnects"] >= 1
+        ended = body["reconnects"]
+        # the camera's power cut: reconnecting (with the reason), then back once it is
+        rtsp_server.stop(camera)
+        wait_state(live, sid, "reconnecting")
+        camera = rtsp_server.start(clip, camera_port, log)
+        body = wait_state(live, sid, "running", timeout=30)
+        assert body["reconnects"] > ended
+        assert live.metric("ssd_stream_reconnects_total", stream=sid) == body["reconnects"]
+        assert live.metric("ssd_stream_running", stream=sid) == 1
+        stop(live, sid)
+        assert live.metric("ssd_stream_running", stream=sid) == 0  # the series is gone
+    finally:
+        rtsp_server.stop(camera)
+
+
+def test_mjpeg_source_latest_frame_and_subscribers(live, sources):
+    """MJPEG at 25 fps detected at 4: most frames skipped and counted, never queued. A fast
+    subscriber, one that stops reading (a small receive buffer, so the server's writes to it
+    block) and one that leaves: the fast one misses nothing, the stream's rate is unchanged
+    while the stalled one reads nothing, and every one that left is forgotten."""
+    stream = start(live, source=sources.url + "/mjpeg", fps=4)
+    sid = stream["id"]
+    wait_state(live, sid, "running")
+
+    def processed_over(seconds: float) -> int:
+        before = described(live, sid)["frames_processed"]
+        time.sleep(seconds)
+        return described(live, sid)["frames_processed"] - before
+
+    alone = processed_over(3.0)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", int(live.url.rsplit(":", 1)[1])))
+    stalled.sendall(f"GET /v1/streams/{sid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    fast: list = []
+
+    def listen() -> None:
+        with (
+            httpx.Client(base_url=live.url, timeout=60) as c,
+            c.stream("GET", f"/v1/streams/{sid}/events") as r,
+        ):
+            for kind, data in sse_events(r):
+                fast.append((kind, data))
+                if sum(k == "frame" for k, _ in fast) >= 16:
+                    return
+
+    leaving = httpx.Client(base_url=live.url, timeout=60)
+    gone = leaving.send(leaving.build_request("GET", f"/v1/streams/{sid}/events"), stream=True)
+    next(gone.iter_lines())
+    listener = threading.Thread(target=listen)
+    listener.start()
+    gone.close()
+    leaving.close()
+    crowded = processed_over(3.0)
+    listener.join(timeout=60)
+    assert described(live, sid)["subscribers"] == 1  # the stalled one
+    stalled.close()
+    frames = [d for k, d in fast if k == "frame"]
+    assert len(frames) >= 16 and not any("missed" in d for _, d in fast), fast[-3:]
+    # the newest frame each time, 25 a second sent and 4 detected: most are skipped
+    assert statistics.median(f["skipped"] for f in frames[1:]) >= 3, [f["skipped"] for f in frames]
+    assert crowded >= 0.7 * alone, (alone, crowded)
+    deadline = time.monotonic() + 15
+    while described(live, sid)["subscribers"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    body = described(live, sid)
+    assert body["subscribers"] == 0, body  # every subscriber that left is forgotten
+    assert body["frames_dropped"] > body["frames_processed"] > 0, body
+    assert 2.0 <= body["processed_fps"] <= 5.0, body
+    assert body["width"] == 640 and body["height"] == 360 and body["codec"] == "mjpeg"
+    stop(live, sid)
+
+
+def test_a_slow_subscriber_loses_its_oldest_events_and_is_told():
+    asyncio.run(_slow_subscriber())
+
+
+async def _slow_subscriber() -> None:
+    subscriber = Subscriber(size=4)
+    for i in range(10):
+        subscriber.offer({"event": "frame", "frame": i})
+    got = [await subscriber.next(0.01) for _ in range(4)]
+    assert [e["frame"] for e in got] == [6, 7, 8, 9]
+    assert got[0]["missed"] == 6 and all("missed" not in e for e in got[1:])
+    assert await subscriber.next(0.01) is None  # nothing more: a heartbeat's turn
+    subscriber.offer({"event": "frame", "frame": 10})
+    subscriber.closed = True
+    assert (await subscriber.next(0.01))["frame"] == 10  # what came before the end first
+    assert await subscriber.next(5) is None  # then at once: closed
+
+
+@pytest.mark.parametrize(
+    "source, code",
+    [
+        ("file:///etc/passwd", "source_refused"),
+        ("ftp://127.0.0.1/clip.mp4", "source_refused"),
+        ("http://169.254.169.254/latest/meta-data/", "source_refused"),
+        ("http://[::ffff:169.254.169.254]/", "source_refused"),
+        ("rtsp://[fd00:ec2::254]/live", "source_refused"),
+        ("http://no-such-host.invalid/mjpeg", "source_unresolvable"),
+        ("http:///mjpeg", "invalid_source"),
+    ],
+)
+def test_refused_sources_are_a_clear_client_error(live, source, code):
+    with live.client() as c:
+        r = c.post("/v1/streams", json={"source": source})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == code, r.text
+        assert all(s["source"] != source for s in c.get("/v1/streams").json()["streams"])
+
+
+@pytest.mark.parametrize(
+    "path, state, reason",
+    [
+        ("/redirect", "failed", "source_redirected"),  # never followed: not checked
+        ("/snapshot.jpg", "failed", "unsupported_source"),
+        ("/silent", "failed", "no frame for 5 s"),  # accepts, never answers
+        ("/garbage", "failed", "no frame for 5 s"),
+    ],
+)
+def test_sources_that_misbehave_end_the_stream_with_the_reason(live, sources, path, state, reason):
+    stream = start(live, source=sources.url + path)
+    body = wait_state(live, stream["id"], state, timeout=30)
+    assert reason in body["reason"], body
+    assert body["frames_processed"] == 0
+    # its events end with the state; the service still detects
+    events = events_until(live, stream["id"], lambda k, d: False, timeout=10)
+    assert events[0][1]["state"] == "failed", events
+    stop(live, stream["id"])
+
+
+def test_limits_and_bad_requests(live, sources):
+    with live.client() as c:
+        for body in (
+            {"source": sources.url + "/mjpeg", "fps": 0},
+            {"source": sources.url + "/mjpeg", "lines": [[1, 2, 3]]},
+            {"source": sources.url + "/mjpeg", "lines": [[1, 1, 1, 1]]},
+            {"source": sources.url + "/mjpeg", "classes": ["unicorn"]},
+            {"source": "x" * 3000},
+            {},
+        ):
+            r = c.post("/v1/streams", json=body)
+            assert r.status_code == 422, (body, r.text)
+        assert c.get("/v1/streams/nope").status_code == 404
+        assert c.delete("/v1/streams/nope").status_code == 404
+        ids = [start(live, source=sources.url + "/mjpeg")["id"] for _ in range(3)]
+        r = c.post("/v1/streams", json={"source": sources.url + "/mjpeg"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_streams"
+        for sid in ids:
+            stop(live, sid)
+        assert c.get("/v1/streams").json()["streams"] == []
+
+
+def test_stream_routes_need_the_key(scene_repo, sources):
+    settings = Settings(model_repository=scene_repo, model_name="ssd300_onnx", api_key="k3y")
+    with run_service(settings) as service, service.client() as c:
+        assert c.get("/v1/streams").status_code == 401
+        assert c.post("/v1/streams", json={"source": sources.url + "/mjpeg"}).status_code == 401
+        r = c.post(
+            "/v1/streams", json={"source": sources.url + "/mjpeg"}, headers={"X-API-Key": "k3y"}
+        )
+        assert r.status_code == 201, r.text
