@@ -27,6 +27,7 @@ from service.pipeline import Pipeline
 from service.routes import images, models, pages, streams, videos
 from service.routes.common import api_key_check
 from service.settings import Settings
+from service.streams.declared import StreamsFile
 from service.streams.manager import StreamManager
 from service.video.spool import VideoSpool
 
@@ -126,6 +127,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         app.state.streams = StreamManager(
             app.state.pipeline, SourcePolicy(settings.stream_sources), settings, metrics
         )
+        app.state.streams_file = None
+        if settings.streams_file is not None:
+            app.state.streams_file = StreamsFile(settings.streams_file, app.state.streams, settings)
+            await app.state.streams_file.start()
         scrape = None
         if settings.metrics_port is not None:  # /metrics on its own port, without the key
             scrape, _ = start_http_server(
@@ -138,6 +143,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             if scrape is not None:
                 scrape.shutdown()
                 scrape.server_close()
+            if app.state.streams_file is not None:
+                await app.state.streams_file.close()
             await app.state.streams.close()
             await follower.close()
             await batcher.close()

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
         description="a stream whose source has sent no frame for this long, "
         "through every reconnection, ends as failed (with the reason)",
     )
+    streams_file: Path | None = Field(
+        None,
+        description="a YAML (or JSON) file declaring streams (`streams:` a list of POST "
+        "/v1/streams bodies, each with an `id`), read at start-up and whenever it changes "
+        "(docs/streams.md)",
+    )
     stream_heartbeat_s: float = Field(
         5.0,
         gt=0,

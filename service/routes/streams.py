@@ -13,33 +13,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
 
 from service.metrics import Metrics
-from service.pipeline import DetectParams
-from service.routes.videos import lines_of
 from service.settings import Settings
-from service.streams.manager import StreamManager, StreamParams
-
-
-class StreamRequest(BaseModel):
-    source: str = Field(
-        max_length=2048,
-        description="rtsp://, rtsps:// (a camera), or http(s):// sending MJPEG "
-        "(multipart/x-mixed-replace)",
-    )
-    name: str | None = Field(None, max_length=200, description="a name of yours for it")
-    fps: float | None = Field(None, gt=0, description="frames a second to detect on")
-    classes: list[str] | None = Field(
-        None, max_length=1000, description="class names or category ids to keep (all: unset)"
-    )
-    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    iou_threshold: float | None = Field(None, gt=0.0, le=1.0)
-    max_detections: int | None = Field(None, ge=1, le=1000)
-    lines: list[list[float]] = Field(
-        [], max_length=100, description="lines to count crossings of: [[x1, y1, x2, y2], ...] "
-        "in the source's pixels",
-    )  # fmt: skip
+from service.streams.manager import StreamManager
+from service.streams.params import StreamRequest
 
 
 def manager(request: Request) -> StreamManager:
@@ -53,17 +31,6 @@ def sse(kind: str, body: dict) -> bytes:
 def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     api = APIRouter(dependencies=[Depends(auth)])
 
-    def params_of(body: StreamRequest, streams: StreamManager) -> StreamParams:
-        detect = DetectParams.of(
-            body.score_threshold if body.score_threshold is not None else settings.score_threshold,
-            body.iou_threshold if body.iou_threshold is not None else settings.iou_threshold,
-            body.max_detections or settings.max_detections,
-            tuple(body.classes) if body.classes is not None else None,
-        )
-        detect.allowed(streams.pipe.backend.info.classes)  # an unknown class: 422 now
-        fps = min(body.fps or settings.stream_fps, settings.video_max_fps)
-        return StreamParams(body.source, fps, detect, lines_of(body.lines), body.name)
-
     @api.post(
         "/v1/streams",
         status_code=201,
@@ -76,12 +43,18 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     async def start_stream(
         body: StreamRequest, streams: Annotated[StreamManager, Depends(manager)]
     ) -> dict:
-        stream = await streams.add(params_of(body, streams))
+        stream = await streams.add(body.params(settings, streams.pipe.backend.info.classes))
         return stream.describe()
 
     @api.get("/v1/streams", summary="Every stream: state, rates, lag, drops, reconnects")
-    async def list_streams(streams: Annotated[StreamManager, Depends(manager)]) -> dict:
-        return {"streams": [s.describe() for s in streams.streams.values()]}
+    async def list_streams(
+        request: Request, streams: Annotated[StreamManager, Depends(manager)]
+    ) -> dict:
+        body: dict = {"streams": [s.describe() for s in streams.streams.values()]}
+        declared = request.app.state.streams_file
+        if declared is not None:
+            body["file"] = declared.describe()
+        return body
 
     @api.get("/v1/streams/{stream_id}", summary="One stream")
     async def get_stream(

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from service.addresses import AddressRefused, ResolverBusy, SourcePolicy, Target, Unresolvable
@@ -35,12 +34,13 @@ from service.backends import ModelInfo
 from service.batching import BatchResult
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.pipeline import DetectParams, Pipeline
+from service.pipeline import Pipeline
 from service.settings import Settings
+from service.streams.params import StreamParams
 from service.streams.worker import SourceSpec, StreamWorker
 from service.video.processing import frame_detections, track_detections
 from service.video.protocol import VideoError, VideoInfo, VideoLimits
-from service.video.tracking import Line, LineCounter, Tracker
+from service.video.tracking import LineCounter, Tracker
 
 log = logging.getLogger("service")
 
@@ -49,15 +49,6 @@ SUBSCRIBER_QUEUE = 16
 BACKOFF_S = (0.5, 8.0)  # first wait before reconnecting, longest
 # a source answering this is not retried: it will not become another kind of source
 PERMANENT = {"unsupported_source", "source_redirected", "video_too_large", "frame_too_large"}
-
-
-@dataclass(frozen=True)
-class StreamParams:
-    source: str
-    fps: float
-    detect: DetectParams
-    lines: tuple[Line, ...] = ()
-    name: str | None = None
 
 
 class Subscriber:
@@ -435,7 +426,11 @@ class StreamManager:
         """A new stream, its source checked first (4xx when refused); 503 beyond the limit."""
         if self.settings.max_streams == 0:
             raise ApiError(503, "streams_disabled", "streams are off here (SSD_MAX_STREAMS=0)")
-        running = [s for s in self.streams.values() if s.state not in ("failed", "stopped")]
+        running = [
+            s
+            for s in self.streams.values()
+            if s.state not in ("failed", "stopped") and s.id != stream_id  # one it replaces
+        ]
         if len(running) >= self.settings.max_streams:
             self.metrics.rejected.labels("too_many_streams").inc()
             raise ApiError(

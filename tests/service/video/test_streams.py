@@ -312,3 +312,68 @@ def test_stream_routes_need_the_key(scene_repo, sources):
             "/v1/streams", json={"source": sources.url + "/mjpeg"}, headers={"X-API-Key": "k3y"}
         )
         assert r.status_code == 201, r.text
+
+
+def test_streams_declared_in_a_file_follow_its_changes(scene_repo, sources, tmp_path):
+    """SSD_STREAMS_FILE: read at start-up, then every change applied (added, changed, removed);
+    a broken file changes nothing and says why; bad entries are skipped with their reason."""
+    declared = tmp_path / "streams.yaml"
+    mjpeg = sources.url + "/mjpeg"
+
+    def write(text: str) -> None:
+        declared.write_text(text)
+        stamp = time.time() + write.count  # a new modification time even within a second
+        write.count += 1
+        os.utime(declared, (stamp, stamp))
+
+    write.count = 1
+    write(
+        f"streams:\n"
+        f"  - {{id: gate, source: '{mjpeg}', fps: 2}}\n"
+        f"  - {{id: yard, source: '{mjpeg}', fps: 3, lines: [[0, 180, 640, 180]]}}\n"
+        f"  - {{id: meta, source: 'http://169.254.169.254/'}}\n"
+        f"  - {{id: odd, source: '{mjpeg}', classes: [unicorn]}}\n"
+        f"  - {{id: 'bad id!', source: '{mjpeg}'}}\n"
+    )
+    settings = Settings(
+        model_repository=scene_repo, model_name="ssd300_onnx", streams_file=declared
+    )
+
+    def listing(c: httpx.Client) -> tuple[dict, dict]:
+        body = c.get("/v1/streams").json()
+        return {s["id"]: s for s in body["streams"]}, body["file"]
+
+    def until(c: httpx.Client, ok, timeout: float = 20) -> tuple[dict, dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            streams, file = listing(c)
+            if ok(streams, file) or time.monotonic() > deadline:
+                return streams, file
+            time.sleep(0.2)
+
+    with run_service(settings) as service, service.client() as c:
+        streams, file = until(c, lambda s, f: s.get("gate", {}).get("state") == "running")
+        assert set(streams) == {"gate", "yard"}, streams
+        assert streams["gate"]["fps"] == 2 and streams["yard"]["fps"] == 3
+        assert file["error"] is None and file["entries"] == ["gate", "yard"]
+        assert "never connected to" in file["entry_errors"]["meta"]
+        assert "unicorn" in file["entry_errors"]["odd"]
+        assert "#4" in file["entry_errors"]
+        # changed: gate's rate; removed: yard; added: dock
+        write(
+            f"streams:\n"
+            f"  - {{id: gate, source: '{mjpeg}', fps: 4}}\n"
+            f"  - {{id: dock, source: '{mjpeg}'}}\n"
+        )
+        streams, file = until(c, lambda s, f: set(s) == {"gate", "dock"})
+        assert set(streams) == {"gate", "dock"} and streams["gate"]["fps"] == 4, streams
+        assert file["entry_errors"] == {} and file["error"] is None
+        # broken: nothing changes, the reason is told
+        write("streams: [unclosed\n")
+        streams, file = until(c, lambda s, f: f["error"] is not None)
+        assert "not applied" in file["error"] and set(streams) == {"gate", "dock"}, file
+        # a stream created through the API is the file's to leave alone
+        api_id = start(service, source=mjpeg)["id"]
+        write("streams: []\n")
+        streams, file = until(c, lambda s, f: "gate" not in s)
+        assert set(streams) == {api_id}, streams
