@@ -173,8 +173,13 @@ class EdgeMiddleware:
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
 
     def start_draining(self) -> None:
-        """Readiness off (``/readyz`` 503) from now on: the server is shutting down."""
+        """Readiness off (``/readyz`` 503) from now on: the server is shutting down; the live
+        streams' event streams end (they would hold the shutdown). Called from the signal
+        handler."""
         self.app.state.draining = True
+        streams = getattr(self.app.state, "streams", None)
+        if streams is not None:
+            streams.loop.call_soon_threadsafe(streams.end_subscriptions)
 
     def _client(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
         peer = (scope.get("client") or (None,))[0]

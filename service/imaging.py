@@ -140,6 +140,12 @@ def decode_tiled(
     return _guarded(data, limits, convert)
 
 
+def image_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    """The stored size of untrusted image bytes from their header alone, checked against the
+    limits (nothing decoded); the same 400/413 ApiErrors as ``decode_image``."""
+    return _guarded(data, limits, lambda img, fmt: img.size)
+
+
 def _guarded(data: bytes, limits: ImageLimits, convert: Callable[[Image.Image, str], T]) -> T:
     """Sniffs, opens and size-checks untrusted bytes, then ``convert(image, format)``; every
     failure a 400 ApiError."""

@@ -84,9 +84,17 @@ class Metrics:
             ["stream"],
             registry=self.registry,
         )
-        self.stream_frames_dropped = Counter(
-            "ssd_stream_frames_dropped",
-            "Frames of a live stream never detected on (newer ones were: the latest-frame rule)",
+        self.stream_frames_skipped = Counter(
+            "ssd_stream_frames_skipped",
+            "Frames of a live stream never detected on (beyond its rate, or while the model was "
+            "busy: newer ones were)",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.stream_late_frames = Counter(
+            "ssd_stream_late_frames",
+            "Frames of a live stream taken a period or more after their turn (the model could "
+            "not keep the stream's rate)",
             ["stream"],
             registry=self.registry,
         )
@@ -103,7 +111,8 @@ class Metrics:
         """A stopped stream's series leave the scrape."""
         for metric in (
             self.stream_processed_fps, self.stream_input_fps, self.stream_lag,
-            self.stream_frames_dropped, self.stream_reconnects, self.stream_up,
+            self.stream_frames_skipped, self.stream_late_frames, self.stream_reconnects,
+            self.stream_up,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):
                 metric.remove(stream)

@@ -3,7 +3,7 @@ worker.py), detects on the newest frame at the stream's rate, tracks, counts lin
 publishes one event per processed frame to its subscribers.
 
 - Latest-frame rule: the worker always hands over its newest frame; frames the model had no time
-  for are counted (``frames_dropped``), never queued, so lag stays bounded however slow the model.
+  for are counted (``frames_skipped``), never queued, so lag stays bounded however slow the model.
   Tracks continue through skipped frames (the tracker is told the rate actually processed).
 - Frames go to the micro-batcher as background work, after still images (the fairness rule of
   videos): an image request waits for one batch of frames at most.
@@ -28,6 +28,7 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.addresses import AddressRefused, ResolverBusy, SourcePolicy, Target, Unresolvable
 from service.backends import ModelInfo
@@ -86,14 +87,15 @@ class Subscriber:
 
 
 class _Rate:
-    """Events a second over the last few seconds."""
+    """Events a second over the last few seconds: (n - 1) / (last - first) of the events in the
+    window, by the times they happened."""
 
     def __init__(self, window_s: float = 5.0) -> None:
         self.times: collections.deque[float] = collections.deque()
         self.window_s = window_s
 
-    def add(self, t: float, count: int = 1) -> None:
-        self.times.extend([t] * count)
+    def add(self, t: float) -> None:
+        self.times.append(t)
         while self.times and self.times[0] < t - self.window_s:
             self.times.popleft()
 
@@ -102,8 +104,29 @@ class _Rate:
             self.times.popleft()
         if len(self.times) < 2:
             return 0.0
-        span = max(now - self.times[0], 1e-6)
-        return round(len(self.times) / span, 2)
+        return round((len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-6), 2)
+
+
+class _SourceRate:
+    """Frames a second the source sends: from the worker's frame counts and arrival times."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.marks: collections.deque[tuple[float, int]] = collections.deque()
+        self.window_s = window_s
+
+    def add(self, captured: float, count: int) -> None:
+        self.marks.append((captured, count))
+        while len(self.marks) > 2 and self.marks[0][0] < captured - self.window_s:
+            self.marks.popleft()
+
+    def reset(self) -> None:
+        self.marks.clear()  # counts start again with each connection
+
+    def per_second(self) -> float:
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return round((n1 - n0) / max(t1 - t0, 1e-6), 2)
 
 
 class LiveStream:
@@ -129,7 +152,8 @@ class LiveStream:
         self.created = time.time()
         self.last_frame_at: float | None = None  # monotonic
         self.processed = 0
-        self.dropped = 0
+        self.skipped = 0  # frames of the source never detected on (the rate, or the model's pace)
+        self.late = 0  # processed frames that came after their turn: the model could not keep up
         self.reconnects = 0
         self.lag_s: float | None = None
         self.source_info: VideoInfo | None = None
@@ -137,13 +161,15 @@ class LiveStream:
         self.counts: list[dict] = [{"in": {}, "out": {}} for _ in params.lines]
         self.subscribers: set[Subscriber] = set()
         self._processed_rate = _Rate()
-        self._input_rate = _Rate()
+        self._input_rate = _SourceRate()
         self._worker: StreamWorker | None = None
         # a new tracker (after a reconnection, or a new class list) numbers from 1 again: its
         # ids are shown above every id given before, so an id names one object in a stream
         self._id_offset = 0
         self._max_id = 0
         self.task: asyncio.Task | None = None
+        self.draining = False  # the server shuts down: subscriptions end
+        self.ended_at: float | None = None  # monotonic, once failed or stopped
 
     # --- what GET /v1/streams says ---
 
@@ -157,11 +183,12 @@ class LiveStream:
             "state": self.state,
             "reason": self.reason,
             "fps": self.params.fps,
-            "input_fps": self._input_rate.per_second(now),
+            "input_fps": self._input_rate.per_second(),
             "processed_fps": self._processed_rate.per_second(now),
             "lag_ms": round(self.lag_s * 1e3, 1) if self.lag_s is not None else None,
             "frames_processed": self.processed,
-            "frames_dropped": self.dropped,
+            "frames_skipped": self.skipped,
+            "frames_late": self.late,
             "reconnects": self.reconnects,
             "model_version": self.model_version,
             "width": info.width if info else None,
@@ -184,7 +211,8 @@ class LiveStream:
 
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber()
-        subscriber.closed = self.state in ("failed", "stopped")  # nothing more will come
+        # nothing more will come, or the server is shutting down
+        subscriber.closed = self.state in ("failed", "stopped") or self.draining
         self.subscribers.add(subscriber)
         return subscriber
 
@@ -210,10 +238,11 @@ class LiveStream:
             await asyncio.gather(self.task, return_exceptions=True)
         if self.state != "failed":
             self._set_state("stopped")
-        self._close_subscribers()
+        self.ended_at = self.ended_at or time.monotonic()
+        self.close_subscribers()
         self.metrics.forget_stream(self.id)
 
-    def _close_subscribers(self) -> None:
+    def close_subscribers(self) -> None:
         """Their responses end once they have had every event so far."""
         for subscriber in self.subscribers:
             subscriber.closed = True
@@ -221,7 +250,9 @@ class LiveStream:
 
     def _fail(self, reason: str) -> None:
         self._set_state("failed", reason)
-        self._close_subscribers()
+        self.ended_at = time.monotonic()
+        self.close_subscribers()
+        self.metrics.forget_stream(self.id)
 
     async def _run(self) -> None:
         backoff = BACKOFF_S[0]
@@ -246,6 +277,11 @@ class LiveStream:
                 reason = f"{exc.code}: {exc.message}"
             except (Unresolvable, ResolverBusy, ApiError, TimeoutError, OSError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a fault of ours or of the backend: said, and retried
+                log.exception("stream %s: unexpected error", self.id)
+                reason = f"internal error: {type(exc).__name__}"
             finally:
                 if self._worker is not None:
                     self._worker.kill()
@@ -282,10 +318,14 @@ class LiveStream:
         classes = None
         last_index = -1
         next_at = time.monotonic()
+        self._input_rate.reset()
         while True:
             wait = next_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            elif wait < -period:  # its turn passed a whole period ago: the model is behind
+                self.late += 1
+                self.metrics.stream_late_frames.labels(self.id).inc()
             next_at = max(next_at + period, time.monotonic())
             async with asyncio.timeout(2 * self.settings.stream_timeout_s):
                 frame = await worker.newest()
@@ -294,14 +334,21 @@ class LiveStream:
             now = time.monotonic()
             self.last_frame_at = now
             skipped = frame.index - last_index - 1
-            self._input_rate.add(now, frame.index - last_index)
+            self._input_rate.add(frame.captured, frame.index + 1)
             last_index = frame.index
             if skipped:
-                self.dropped += skipped
-                self.metrics.stream_frames_dropped.labels(self.id).inc(skipped)
-            results = await pipe.batcher.submit(
-                [frame.pixels], deadline=time.perf_counter() + pipe.timeout_s, background=True
-            )
+                self.skipped += skipped
+                self.metrics.stream_frames_skipped.labels(self.id).inc(skipped)
+            try:
+                results = await pipe.batcher.submit(
+                    [frame.pixels], deadline=time.perf_counter() + pipe.timeout_s, background=True
+                )
+            except ApiError as exc:  # the model's trouble (overload, a backend down), not the
+                # source's: this frame is lost, the camera stays connected
+                log.warning("stream %s: frame %d not detected: %s", self.id, frame.index, exc)
+                self.publish("frame_lost", {"frame": frame.index, "reason": exc.message})
+                next_at = time.monotonic() + max(period, 0.5)
+                continue
             model: ModelInfo = pipe.backend.info_for(results[0].candidates.version)
             if model.classes != classes or tracker is None:  # a new class list: new tracks
                 tracker = Tracker(
@@ -369,19 +416,28 @@ class LiveStream:
             tally[label] = tally.get(label, 0) + 1
         now = time.monotonic()
         self.metrics.stream_processed_fps.labels(self.id).set(self._processed_rate.per_second(now))
-        self.metrics.stream_input_fps.labels(self.id).set(self._input_rate.per_second(now))
+        self.metrics.stream_input_fps.labels(self.id).set(self._input_rate.per_second())
         self.metrics.stream_lag.labels(self.id).set(self.lag_s or 0.0)
 
 
-def redacted(url: str) -> str:
-    """A source URL without its password (cameras' URLs carry credentials)."""
-    from urllib.parse import urlsplit, urlunsplit
+SECRET_PARAMS = {"password", "pass", "pwd", "passwd", "token", "key", "auth", "secret", "sig"}
 
+
+def redacted(url: str) -> str:
+    """A source URL as it is shown: no password (nor user name) in it, nor the query parameters
+    cameras carry credentials in (``?user=admin&pwd=...``)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        hidden = [
+            (k, "***" if k.lower() in SECRET_PARAMS or "user" in k.lower() else v) for k, v in pairs
+        ]
+        query = urlencode(hidden, safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def source_spec(target: Target, settings: Settings) -> SourceSpec:
@@ -414,16 +470,19 @@ def source_spec(target: Target, settings: Settings) -> SourceSpec:
 
 
 class StreamManager:
-    """The gateway's streams (``SSD_MAX_STREAMS`` at most)."""
+    """The gateway's streams (``SSD_MAX_STREAMS`` at most running; as many ended ones kept for
+    inspection, the oldest forgotten first)."""
 
     def __init__(
         self, pipe: Pipeline, policy: SourcePolicy, settings: Settings, metrics: Metrics
     ) -> None:
         self.pipe, self.policy, self.settings, self.metrics = pipe, policy, settings, metrics
         self.streams: dict[str, LiveStream] = {}
+        self.lock = asyncio.Lock()  # the count and the table change together
+        self.loop = asyncio.get_running_loop()
+        self.draining = False
 
-    async def add(self, params: StreamParams, stream_id: str | None = None) -> LiveStream:
-        """A new stream, its source checked first (4xx when refused); 503 beyond the limit."""
+    def _room(self, stream_id: str | None) -> None:
         if self.settings.max_streams == 0:
             raise ApiError(503, "streams_disabled", "streams are off here (SSD_MAX_STREAMS=0)")
         running = [
@@ -439,8 +498,12 @@ class StreamManager:
                 f"{self.settings.max_streams} streams run already (SSD_MAX_STREAMS); stop one "
                 "(DELETE /v1/streams/{id}) first",
             )
+
+    async def add(self, params: StreamParams, stream_id: str | None = None) -> LiveStream:
+        """A new stream, its source checked first (4xx when refused); 503 beyond the limit."""
+        self._room(stream_id)  # before a lookup: a full service answers at once
         try:
-            await self.policy.check(params.source, SCHEMES)
+            target = await self.policy.check(params.source, SCHEMES)
         except AddressRefused as exc:
             raise ApiError(422, "source_refused", str(exc)) from None
         except Unresolvable as exc:
@@ -449,14 +512,43 @@ class StreamManager:
             raise ApiError(503, "resolver_busy", str(exc), {"Retry-After": "5"}) from None
         except ValueError as exc:
             raise ApiError(422, "invalid_source", str(exc)) from None
-        stream_id = stream_id or secrets.token_hex(6)
-        old = self.streams.pop(stream_id, None)
-        if old is not None:
-            await old.stop()
-        stream = LiveStream(stream_id, params, self.pipe, self.policy, self.settings, self.metrics)
-        self.streams[stream_id] = stream
-        stream.start()
-        return stream
+        if target.url.scheme.lower() == "rtsps":
+            raise ApiError(
+                422,
+                "source_refused",
+                "rtsps is not supported yet: the camera's certificate would not be verified "
+                "(FFmpeg's RTSP over TLS), so its password could go to anyone on the way",
+            )
+        async with self.lock:
+            self._room(stream_id)  # again: other streams may have started during the lookup
+            stream_id = stream_id or secrets.token_hex(6)
+            old = self.streams.pop(stream_id, None)
+            if old is not None:
+                await old.stop()
+            self._forget_ended()
+            stream = LiveStream(
+                stream_id, params, self.pipe, self.policy, self.settings, self.metrics
+            )
+            self.streams[stream_id] = stream
+            stream.start()
+            return stream
+
+    def _forget_ended(self) -> None:
+        """Ended streams beyond ``SSD_MAX_STREAMS`` go, the longest ended first."""
+        ended = sorted(
+            (s for s in self.streams.values() if s.ended_at is not None),
+            key=lambda s: s.ended_at or 0.0,
+        )
+        for stream in ended[: max(0, len(ended) - max(1, self.settings.max_streams) + 1)]:
+            del self.streams[stream.id]
+
+    def end_subscriptions(self) -> None:
+        """The server is shutting down: every event stream ends now (and new ones at once), so
+        the open connections do not hold the shutdown."""
+        self.draining = True
+        for stream in self.streams.values():
+            stream.draining = True
+            stream.close_subscribers()
 
     def get(self, stream_id: str) -> LiveStream:
         stream = self.streams.get(stream_id)

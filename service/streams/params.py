@@ -32,7 +32,9 @@ class StreamRequest(BaseModel):
         "(multipart/x-mixed-replace)",
     )
     name: str | None = Field(None, max_length=200, description="a name of yours for it")
-    fps: float | None = Field(None, gt=0, description="frames a second to detect on")
+    fps: float | None = Field(
+        None, ge=0.05, description="frames a second to detect on (one every 20 s at least)"
+    )
     classes: list[str] | None = Field(
         None, max_length=1000, description="class names or category ids to keep (all: unset)"
     )

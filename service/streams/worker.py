@@ -23,7 +23,9 @@ per request, and ERROR or DONE when the source ends.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -33,8 +35,11 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
 
 from service.video.protocol import (
     DONE,
@@ -79,11 +84,13 @@ class StreamWorker(DecodeWorker):
             sys.executable,
             "-m",
             "service.streams.worker",
-            json.dumps(body),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
+        # the spec (a camera's password with it) on stdin: a command line is every user's to read
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(body).encode() + b"\n")
         return cls(process)
 
     async def newest(self) -> LiveFrame | None:
@@ -114,17 +121,34 @@ class StreamWorker(DecodeWorker):
 # --- the worker process ---
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A frame as the reading thread leaves it: decoded (RTSP, whose frames depend on the ones
+    before) or still compressed (an MJPEG part), made into the model's 300x300 RGB only if it
+    is the one sent. A source sending far more frames than the stream's rate costs little more
+    than reading them."""
+
+    index: int
+    captured: float
+    width: int
+    height: int
+    pixels: Callable[[], np.ndarray]
+
+    def live(self) -> LiveFrame:
+        return LiveFrame(self.index, self.captured, self.width, self.height, self.pixels())
+
+
 class Newest:
     """The reading thread's hand-over: the newest frame, the header, how the source ended."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.frame: LiveFrame | None = None
+        self.frame: Pending | None = None
         self.info: VideoInfo | None = None
         self.ended = False
         self.error: VideoError | None = None
 
-    def put(self, frame: LiveFrame, info: VideoInfo) -> None:
+    def put(self, frame: Pending, info: VideoInfo) -> None:
         with self.cond:
             self.frame = frame
             self.info = self.info or info
@@ -140,7 +164,7 @@ class Newest:
             self.cond.wait_for(lambda: self.info is not None or self.ended)
             return self.info if self.info is not None else self.error
 
-    def after(self, index: int) -> LiveFrame | None:
+    def after(self, index: int) -> Pending | None:
         """A frame newer than ``index``, or None once the source ended without one."""
         with self.cond:
             self.cond.wait_for(
@@ -151,7 +175,7 @@ class Newest:
             return None
 
 
-def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[LiveFrame, VideoInfo]]:
+def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
     from service.video.decode import live_pictures, open_rtsp
 
     container = open_rtsp(spec.url, spec.timeout_s)
@@ -161,7 +185,7 @@ def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[LiveFrame, VideoInfo]]:
         rate = stream.average_rate or stream.guessed_rate if stream is not None else None
         for index, (width, height, pixels) in enumerate(live_pictures(container, spec.limits)):
             info = VideoInfo("rtsp", codec, width, height, float(rate or 0), 0.0, 0)
-            yield LiveFrame(index, time.time(), width, height, pixels), info
+            yield Pending(index, time.time(), width, height, pixels), info
 
 
 class _PinnedConnection(http.client.HTTPConnection):
@@ -195,7 +219,12 @@ def mjpeg_parts(spec: SourceSpec) -> Iterator[bytes]:
     """The JPEG parts of an MJPEG-over-HTTP source, as they arrive."""
     conn = _PinnedConnection(spec)
     try:
-        conn.request("GET", spec.path, headers={"User-Agent": "ssd300-service"})
+        headers = {"User-Agent": "ssd300-service"}
+        url = urlsplit(spec.url)
+        if url.username is not None:  # a camera's credentials in its URL: HTTP Basic
+            user = f"{unquote(url.username)}:{unquote(url.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+        conn.request("GET", spec.path, headers=headers)
         resp = conn.getresponse()
     except (OSError, http.client.HTTPException) as exc:
         raise VideoError(502, "source_unavailable", f"the source cannot be read: {exc}") from None
@@ -266,20 +295,32 @@ def mjpeg_parts(spec: SourceSpec) -> Iterator[bytes]:
         conn.close()
 
 
-def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[LiveFrame, VideoInfo]]:
+def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
     from service.errors import ApiError
-    from service.imaging import ImageLimits, decode_image
+    from service.imaging import ImageLimits, decode_image, image_size
 
     limits = ImageLimits(spec.limits.max_pixels, spec.limits.max_side)
+
+    def pixels_of(part: bytes) -> Callable[[], np.ndarray]:
+        def pixels() -> np.ndarray:
+            try:
+                return decode_image(part, limits).pixels
+            except ApiError as exc:
+                raise VideoError(
+                    502, "invalid_source", f"a frame of the source: {exc.message}"
+                ) from None
+
+        return pixels
+
     for index, part in enumerate(mjpeg_parts(spec)):
         try:
-            image = decode_image(part, limits)
+            width, height = image_size(part, limits)  # the header only; checked
         except ApiError as exc:
             raise VideoError(
                 502, "invalid_source", f"a frame of the source: {exc.message}"
             ) from None
-        info = VideoInfo("mjpeg", "mjpeg", image.width, image.height, 0.0, 0.0, 0)
-        yield LiveFrame(index, time.time(), image.width, image.height, image.pixels), info
+        info = VideoInfo("mjpeg", "mjpeg", width, height, 0.0, 0.0, 0)
+        yield Pending(index, time.time(), width, height, pixels_of(part)), info
 
 
 def read_source(spec: SourceSpec, newest: Newest) -> None:
@@ -295,11 +336,21 @@ def read_source(spec: SourceSpec, newest: Newest) -> None:
         newest.end(VideoError(502, "source_unavailable", f"the source cannot be read: {exc}"))
 
 
-def main(argv: list[str]) -> int:
+def _die_with_the_gateway() -> None:
+    """SIGKILL when the gateway dies, whatever this process is waiting for (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the gateway died before the line above
+            os._exit(0)
+
+
+def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway's Ctrl-C is the gateway's
+    _die_with_the_gateway()
     from service.video import protocol
 
-    body = json.loads(argv[0])
+    body = json.loads(sys.stdin.buffer.readline())
     spec = SourceSpec(**{**body, "limits": VideoLimits(**body["limits"])})
     newest = Newest()
     threading.Thread(target=read_source, args=(spec, newest), daemon=True).start()
@@ -322,7 +373,13 @@ def main(argv: list[str]) -> int:
                     out.write(protocol.done_message(sent + 1))
                 out.flush()
                 break
-            out.write(protocol.live_message(frame))
+            try:
+                message = protocol.live_message(frame.live())
+            except VideoError as exc:  # a frame that does not decode ends this connection
+                out.write(protocol.error_message(exc))
+                out.flush()
+                break
+            out.write(message)
             out.flush()
             sent = frame.index
     except BrokenPipeError:  # the gateway stopped reading
@@ -332,4 +389,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

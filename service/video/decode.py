@@ -17,7 +17,7 @@ Frames are sampled at the requested rate from their timestamps and resized to th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -221,20 +221,27 @@ def check_size(width: int, height: int, limits: VideoLimits) -> None:
 
 def live_pictures(
     container: av.container.InputContainer, limits: VideoLimits
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """A camera's frames as they come: (width, height, 300x300 RGB), each checked against the
-    size limits (a camera may change its resolution mid-stream)."""
+) -> Iterator[tuple[int, int, Callable[[], np.ndarray]]]:
+    """A camera's frames as they come: (width, height, a function giving the 300x300 RGB),
+    each checked against the size limits (a camera may change its resolution mid-stream). The
+    resize is left to the caller's choice of frames: most of a fast camera's are never used."""
     if not container.streams.video:
         raise VideoError(400, "no_video_stream", "the source has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+
+    def pixels_of(frame: av.VideoFrame) -> Callable[[], np.ndarray]:
+        def pixels() -> np.ndarray:
+            return frame.reformat(
+                width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
+            ).to_ndarray()
+
+        return pixels
+
     try:
         for frame in container.decode(stream):
             check_size(frame.width, frame.height, limits)
-            pixels = frame.reformat(
-                width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
-            ).to_ndarray()
-            yield frame.width, frame.height, pixels
+            yield frame.width, frame.height, pixels_of(frame)
     except (av.FFmpegError, OSError) as exc:
         why = getattr(exc, "strerror", None) or str(exc)
         raise VideoError(502, "source_unavailable", f"the camera's stream broke: {why}") from None

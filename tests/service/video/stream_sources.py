@@ -4,6 +4,7 @@ plain JPEG), plus an SSE reader."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
@@ -35,6 +36,12 @@ class Sources:
                 pass
 
             def do_GET(self) -> None:
+                if self.path.startswith("/private"):  # HTTP Basic admin:s3cret, then MJPEG
+                    expected = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+                    if self.headers.get("Authorization") != expected:
+                        self.send_error(401)
+                        return
+                    self.path = "/mjpeg"
                 if self.path == "/mjpeg":
                     sources.clients += 1
                     self.send_response(200)

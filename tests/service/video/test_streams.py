@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import json
 import os
+import random
 import socket
 import statistics
 import threading
@@ -14,11 +17,14 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from devtools import rtsp_server
 from devtools.videos import COUNTING_LINE
 from loadtest.processes import free_port
+from service.backends import BackendUnavailable
+from service.backends.onnx import OnnxBackend
 from service.settings import Settings
 from service.streams.manager import Subscriber
 from tests.service.conftest import LiveService, run_service
@@ -217,7 +223,7 @@ def test_mjpeg_source_latest_frame_and_subscribers(live, sources):
         time.sleep(0.2)
     body = described(live, sid)
     assert body["subscribers"] == 0, body  # every subscriber that left is forgotten
-    assert body["frames_dropped"] > body["frames_processed"] > 0, body
+    assert body["frames_skipped"] > body["frames_processed"] > 0, body
     assert 2.0 <= body["processed_fps"] <= 5.0, body
     assert body["width"] == 640 and body["height"] == 360 and body["codec"] == "mjpeg"
     stop(live, sid)
@@ -251,6 +257,7 @@ async def _slow_subscriber() -> None:
         ("rtsp://[fd00:ec2::254]/live", "source_refused"),
         ("http://no-such-host.invalid/mjpeg", "source_unresolvable"),
         ("http:///mjpeg", "invalid_source"),
+        ("rtsps://127.0.0.1/live", "source_refused"),  # its certificate would not be checked
     ],
 )
 def test_refused_sources_are_a_clear_client_error(live, source, code):
@@ -285,6 +292,8 @@ def test_limits_and_bad_requests(live, sources):
     with live.client() as c:
         for body in (
             {"source": sources.url + "/mjpeg", "fps": 0},
+            {"source": sources.url + "/mjpeg", "fps": 1e-300},
+            {"source": sources.url + "/mjpeg", "colour": "red"},
             {"source": sources.url + "/mjpeg", "lines": [[1, 2, 3]]},
             {"source": sources.url + "/mjpeg", "lines": [[1, 1, 1, 1]]},
             {"source": sources.url + "/mjpeg", "classes": ["unicorn"]},
@@ -377,3 +386,107 @@ def test_streams_declared_in_a_file_follow_its_changes(scene_repo, sources, tmp_
         write("streams: []\n")
         streams, file = until(c, lambda s, f: "gate" not in s)
         assert set(streams) == {api_id}, streams
+
+
+def test_a_camera_password_is_sent_and_never_shown(live, sources):
+    """MJPEG behind HTTP Basic: the URL's credentials reach the camera, not the listing, the
+    events or the worker's command line (which every local user can read)."""
+    source = sources.url.replace("http://", "http://admin:s3cret@") + "/private?pwd=s3cret"
+    stream = start(live, source=source, fps=2)
+    body = wait_state(live, stream["id"], "running")
+    assert "s3cret" not in json.dumps(body) and "***@" in body["source"], body["source"]
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            assert "s3cret" not in " ".join(proc.cmdline()), proc.cmdline()
+    stop(live, stream["id"])
+
+
+def test_starts_and_stops_at_random_never_exceed_the_limit(live, sources):
+    """Concurrent POSTs and DELETEs (randomized): running streams never exceed SSD_MAX_STREAMS
+    (3 here), every 201 is a stream that exists until deleted, and none is left behind."""
+    rng = random.Random(7)
+    started: list[str] = []
+    lock = threading.Lock()
+    seen_running: list[int] = []
+
+    def client(seed: int) -> None:
+        r = random.Random(seed)
+        with live.client() as c:
+            for _ in range(6):
+                if r.random() < 0.6:
+                    resp = c.post("/v1/streams", json={"source": sources.url + "/mjpeg", "fps": 1})
+                    assert resp.status_code in (201, 503), resp.text
+                    if resp.status_code == 201:
+                        with lock:
+                            started.append(resp.json()["id"])
+                else:
+                    with lock:
+                        sid = started.pop(r.randrange(len(started))) if started else None
+                    if sid is not None:
+                        assert c.delete(f"/v1/streams/{sid}").status_code == 204
+                listing = c.get("/v1/streams").json()["streams"]
+                running = [s for s in listing if s["state"] not in ("failed", "stopped")]
+                seen_running.append(len(running))
+                time.sleep(r.random() * 0.05)
+
+    threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert max(seen_running) <= 3, seen_running
+    with live.client() as c:
+        listed = {s["id"] for s in c.get("/v1/streams").json()["streams"]}
+        assert listed == set(started), (listed, started)
+        for sid in started:
+            stop(live, sid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [
+        p for p in psutil.Process().children(recursive=True) if _is_stream_worker(p)
+    ]:
+        time.sleep(0.1)
+    assert not [p for p in psutil.Process().children(recursive=True) if _is_stream_worker(p)]
+
+
+def _is_stream_worker(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "service.streams.worker" in " ".join(proc.cmdline())
+    return False
+
+
+class FaultyBackend(OnnxBackend):
+    """Fault injection: ``fault`` set, each inference fails with it."""
+
+    fault: Exception | None = None
+
+    async def infer(self, images, timeout=None, pin=None):
+        if self.fault is not None:
+            raise self.fault
+        return await super().infer(images, timeout, pin)
+
+
+def test_model_trouble_keeps_the_camera_and_a_fault_of_ours_reconnects(scene_repo, sources):
+    """The backend unavailable: frames are lost (said in events), the camera stays connected;
+    an unexpected error: the stream reconnects with the reason, never a dead task that still
+    says running."""
+    backend = FaultyBackend(scene_repo, "ssd300_onnx")
+    settings = Settings(model_repository=scene_repo, model_name="ssd300_onnx")
+    with run_service(settings, backend=backend) as service:
+        sid = start(service, source=sources.url + "/mjpeg", fps=5)["id"]
+        wait_state(service, sid, "running")
+        backend.fault = BackendUnavailable("injected")
+        lost = events_until(service, sid, lambda k, d: k == "frame_lost", timeout=30)
+        assert lost[-1][1]["reason"] == "injected"
+        body = described(service, sid)
+        assert body["state"] == "running" and body["reconnects"] == 0, body
+        backend.fault = RuntimeError("injected crash")
+        body = wait_state(service, sid, "reconnecting")
+        assert "internal error" in body["reason"], body
+        backend.fault = None
+        before = body["frames_processed"]
+        body = wait_state(service, sid, "running")
+        deadline = time.monotonic() + 20
+        while described(service, sid)["frames_processed"] <= before:
+            assert time.monotonic() < deadline, "no frame detected after the fault"
+            time.sleep(0.2)
+        stop(service, sid)
