@@ -126,6 +126,15 @@ def write_clip(
     return truth
 
 
+def scene_y4m(path: Path, frames: int = 75, fps: int = 25) -> Path:
+    """The test scene as raw YUV 4:2:0 in a .y4m file: what Chromium plays as a fake camera
+    (``--use-file-for-fake-video-capture``)."""
+    bg = background(0)
+    pictures = (av.VideoFrame.from_image(render(TEST_SCENE, f, bg)) for f in range(frames))
+    _encode_all(*_video_stream(path, "rawvideo", fps, SCENE, fmt="yuv4mpegpipe"), pictures)
+    return path
+
+
 def scene_training_set(root: Path, count: int = 48, seed: int = 1) -> Path:
     """COCO 2017 layout: ``count`` stills of the scene's background with 1-4 people and cars at
     random places and sizes (+-15 %), overlapping at times; the validation split is the same."""

@@ -24,7 +24,7 @@ from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.model_versions import VersionFollower
 from service.pipeline import Pipeline
-from service.routes import images, models, pages, streams, videos
+from service.routes import camera, images, models, pages, streams, videos
 from service.routes.common import api_key_check
 from service.settings import Settings
 from service.streams.declared import StreamsFile
@@ -177,6 +177,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(images.router(settings, metrics, auth))
     app.include_router(videos.router(settings, metrics, auth))
     app.include_router(streams.router(settings, metrics, auth))
+    app.include_router(camera.router(settings, metrics, auth))
     app.include_router(models.router(settings, metrics, auth))
     app.include_router(pages.router(settings, auth))
 

@@ -168,7 +168,7 @@ class Pipeline:
     ) -> list[DecodedImage | TiledImage]:
         loop = asyncio.get_running_loop()
         if tiles is None:
-            tasks = [loop.run_in_executor(self.pool, self._decode_one, d) for d in uploads]
+            tasks = [loop.run_in_executor(self.pool, self.decode_one, d) for d in uploads]
         else:  # auto shares the request's budget of model runs between its images
             budget = max(1, self.max_tiles // len(uploads))
 
@@ -188,7 +188,7 @@ class Pipeline:
                 raise result
         return outcome
 
-    def _decode_one(self, data: bytes) -> DecodedImage:
+    def decode_one(self, data: bytes) -> DecodedImage:
         return decode_image(data, self.limits, dct_scaling=self.dct_scaling)
 
     def _decode_tiled(

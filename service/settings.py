@@ -245,6 +245,12 @@ class Settings(BaseSettings):
         "/v1/streams bodies, each with an `id`), read at start-up and whenever it changes "
         "(docs/streams.md)",
     )
+    max_camera_sessions: int = Field(
+        8,
+        ge=0,
+        description="camera sessions at once (WebSocket /v1/camera: the page's camera "
+        "mode); beyond: closed with 1013 (try again later)",
+    )
     stream_heartbeat_s: float = Field(
         5.0,
         gt=0,

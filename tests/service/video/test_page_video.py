@@ -3,11 +3,14 @@ it and shows the counts; and the page's layout holds up on a 1280 px screen."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from devtools.images import encode, photo
-from devtools.videos import COUNTING_LINE
-from tests.service.test_browser import browser  # noqa: F401 - the fixture
+from devtools.videos import COUNTING_LINE, scene_y4m
+from tests.service.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -60,3 +63,48 @@ def test_a_small_image_fills_its_column_and_long_names_stay_in_view(service, bro
     )
     assert height <= row_height + 1, "the box column wraps"
     page.close()
+
+
+def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, tmp_path):
+    """The page's camera mode in Chromium with a fake camera playing the scene: frames go over
+    the WebSocket one at a time, the boxes come back with track ids, drawn over the live
+    picture, and the frame rate achieved is shown."""
+    if not shutil.which("chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (make system-deps installs it)")
+        pytest.skip("Debian chromium not installed")
+    from playwright.sync_api import sync_playwright
+
+    y4m = scene_y4m(tmp_path / "scene.y4m")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={y4m}",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(video_service.url + "/")  # a secure context: getUserMedia needs one
+        page.click("#cameraButton")
+        page.wait_for_function(
+            "Number(document.getElementById('videoInfo').dataset.frames || 0) >= 12",
+            timeout=90_000,
+        )
+        assert float(page.get_attribute("#videoInfo", "data-fps")) > 0
+        assert "frames/s detected" in page.inner_text("#videoInfo")
+        page.wait_for_function(
+            "Number(document.getElementById('overlay').dataset.boxes || 0) >= 1", timeout=30_000
+        )
+        labels = page.eval_on_selector_all(
+            "tr.detection td:first-child", "e => e.map(x => x.textContent)"
+        )
+        assert labels and any("#" in label for label in labels), labels  # track ids
+        assert page.inner_text("#error") == ""
+        page.click("#cameraButton")  # stop: the camera and the session end
+        page.wait_for_function("document.getElementById('cameraButton').textContent === 'Camera'")
+        browser.close()
