@@ -22,7 +22,7 @@ The rules, in the order a batch is made:
   the images' own (on a GPU, where a larger batch costs little more, frames fill it; on a CPU,
   where a call's time grows with its size, an image's batch holds images only). Batches of
   frames alone are as large as still pays by the same measure (a CPU: one frame; a GPU: full;
-  the full size runs whenever its time is not known, to measure it). A video never delays an
+  a size runs as it is, to measure it, while no size as large has a known time). A video never delays an
   image request by more than the one batch already at the backend (on a CPU, mostly one
   frame's call); under a steady flood of images, videos slow down, not images.
 - **One model version.** A batch holds images pinned to one model version only (the embedded
@@ -267,11 +267,13 @@ class MicroBatcher:
             alone = self.call_seconds(images, known)
             while size > images and self.call_seconds(size, known) > RIDE_ALONG * alone:
                 size -= 1
-        elif size > 1 and self.max_size in known:
+        elif size > 1 and any(k >= size for k in known):
             # frames alone: a batch only as large as still pays, so that an image arriving
             # waits for a short call (a CPU: one frame at a time, as fast per frame as eight;
-            # a GPU: full batches). The full size runs whenever its time is not known (at
-            # first, and once its samples have aged out) to measure it.
+            # a GPU: full batches). A size runs as it is whenever no size as large has a known
+            # time (at first, and once the samples have aged out), to measure it: the size the
+            # frames waiting make, not the largest (four streams' newest frames never make
+            # eight, and a rule waiting for eight's time never shrank their batches)
             one = self.call_seconds(1, known)
             while size > 1 and self.call_seconds(size, known) > RIDE_ALONG * one:
                 size -= 1
