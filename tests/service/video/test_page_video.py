@@ -95,7 +95,9 @@ def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, tmp_path
             "Number(document.getElementById('videoInfo').dataset.frames || 0) >= 12",
             timeout=90_000,
         )
-        assert float(page.get_attribute("#videoInfo", "data-fps")) > 0
+        fps = float(page.get_attribute("#videoInfo", "data-fps"))
+        print(f"camera mode: {fps:.2f} frames/s detected")
+        assert fps > 0
         assert "frames/s detected" in page.inner_text("#videoInfo")
         page.wait_for_function(
             "Number(document.getElementById('overlay').dataset.boxes || 0) >= 1", timeout=30_000

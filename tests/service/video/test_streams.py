@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import threading
@@ -27,7 +28,10 @@ from service.backends import BackendUnavailable
 from service.backends.onnx import OnnxBackend
 from service.settings import Settings
 from service.streams.manager import Subscriber
+from ssdcore.labels import ClassList
+from ssdcore.repository import ModelStore
 from tests.service.conftest import LiveService, run_service
+from tests.service.versions import copy_version, write_version
 from tests.service.video.stream_sources import Sources, scene_jpegs, sse_events
 from tests.service.video.test_videos_api import track_ids
 
@@ -489,4 +493,37 @@ def test_model_trouble_keeps_the_camera_and_a_fault_of_ours_reconnects(scene_rep
         while described(service, sid)["frames_processed"] <= before:
             assert time.monotonic() < deadline, "no frame detected after the fault"
             time.sleep(0.2)
+        stop(service, sid)
+
+
+def test_a_new_version_reaches_a_running_stream_at_a_frame(scene_repo, sources, tmp_path):
+    """A version with the same class list: the next frames name it, one event says so, tracks
+    go on under their ids. A version with another class list: tracks start again, under ids
+    above every one given before."""
+    repo = tmp_path / "repo"
+    shutil.copytree(scene_repo, repo)
+    store = ModelStore(repo, "ssd300_onnx")
+    settings = Settings(model_repository=repo, model_name="ssd300_onnx", model_poll_s=0.5)
+    with run_service(settings) as service:
+        sid = start(service, source=sources.url + "/mjpeg", fps=5)["id"]
+        wait_state(service, sid, "running")
+        time.sleep(2)  # tracks confirmed on the first version
+        copy_version(store.version(1).path, store, 2)
+        events = events_until(
+            service, sid, lambda k, d: k == "frame" and d["model_version"] == "2", timeout=60
+        )
+        changed = [d for k, d in events if k == "model_version_changed"]
+        assert changed and changed[-1]["from"] == "1" and changed[-1]["to"] == "2", events[-3:]
+        frames = [d for k, d in events if k == "frame"]
+        before = {d["track_id"] for d in frames[-2]["detections"]} - {None}
+        after = {d["track_id"] for d in frames[-1]["detections"]} - {None}
+        assert before and before & after, (before, after)  # the same objects, the same ids
+        seen = max(i for f in frames for i in {d["track_id"] for d in f["detections"]} - {None})
+        write_version(repo, "onnx", seed=3, classes=ClassList((1, 3), ("person", "car")))
+        events = events_until(
+            service, sid, lambda k, d: k == "frame" and d["model_version"] == "3", timeout=90
+        )
+        frames = [d for k, d in events if k == "frame" and d["model_version"] == "3"]
+        ids = {d["track_id"] for d in frames[-1]["detections"]} - {None}
+        assert all(i > seen for i in ids), (seen, ids)
         stop(service, sid)
