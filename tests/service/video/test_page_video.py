@@ -3,9 +3,6 @@ it and shows the counts; and the page's layout holds up on a 1280 px screen."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 from devtools.images import encode, photo
@@ -65,30 +62,25 @@ def test_a_small_image_fills_its_column_and_long_names_stay_in_view(service, bro
     page.close()
 
 
-def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, tmp_path):
+def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, browser, tmp_path):  # noqa: F811
     """The page's camera mode in Chromium with a fake camera playing the scene: frames go over
     the WebSocket one at a time, the boxes come back with track ids, drawn over the live
     picture, and the frame rate achieved is shown."""
-    if not shutil.which("chromium"):
-        if os.environ.get("CI"):
-            pytest.fail("chromium is required in CI (make system-deps installs it)")
-        pytest.skip("Debian chromium not installed")
-    from playwright.sync_api import sync_playwright
-
     y4m = scene_y4m(tmp_path / "scene.y4m")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-video-capture={y4m}",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+    # a browser of its own (a fake camera), from the module's Playwright (one per process)
+    camera_browser = browser.browser_type.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-video-capture={y4m}",
+        ],
+    )
+    try:
+        page = camera_browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(video_service.url + "/")  # a secure context: getUserMedia needs one
         page.click("#cameraButton")
         page.wait_for_function(
@@ -109,4 +101,5 @@ def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, tmp_path
         assert page.inner_text("#error") == ""
         page.click("#cameraButton")  # stop: the camera and the session end
         page.wait_for_function("document.getElementById('cameraButton').textContent === 'Camera'")
-        browser.close()
+    finally:
+        camera_browser.close()
