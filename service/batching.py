@@ -21,8 +21,9 @@ The rules, in the order a batch is made:
   robin between videos too) only while the call, at the measured pace, stays within 1.25x of
   the images' own (on a GPU, where a larger batch costs little more, frames fill it; on a CPU,
   where a call's time grows with its size, an image's batch holds images only). Batches of
-  frames alone are as large as still pays by the same measure (a CPU: one frame; a GPU: full;
-  a size runs as it is, to measure it, while no size as large has a known time). A video never delays an
+  frames alone hold one frame where a batch is hardly cheaper per frame (a CPU: an image then
+  waits for one frame's call) and every frame waiting otherwise (a GPU, a backend with a fixed
+  cost per call); a size runs as it is, to measure it, while no size as large has a known time. A video never delays an
   image request by more than the one batch already at the backend (on a CPU, mostly one
   frame's call); under a steady flood of images, videos slow down, not images.
 - **One model version.** A batch holds images pinned to one model version only (the embedded
@@ -274,9 +275,12 @@ class MicroBatcher:
             # time (at first, and once the samples have aged out), to measure it: the size the
             # frames waiting make, not the largest (four streams' newest frames never make
             # eight, and a rule waiting for eight's time never shrank their batches)
-            one = self.call_seconds(1, known)
-            while size > 1 and self.call_seconds(size, known) > RIDE_ALONG * one:
-                size -= 1
+            # one frame where a batch is hardly cheaper per frame (a CPU: its calls grow in
+            # proportion, and an image then waits for one frame's call); the whole batch where
+            # it is (a GPU, a backend with a fixed cost per call: the throughput kept)
+            per_frame = self.call_seconds(size, known) / size
+            if RIDE_ALONG * per_frame >= self.call_seconds(1, known):
+                size = 1
         chosen: dict[_Request, int] = {}
         for request in order[:size]:
             chosen[request] = chosen.get(request, 0) + 1

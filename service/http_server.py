@@ -78,6 +78,7 @@ def server_config(app, settings: Settings, log_level: str = "info", **extra) -> 
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=30,
+        ws_max_size=settings.max_body_bytes + 4096,  # a camera frame, as an upload at most
         **extra,
     )
 

@@ -19,6 +19,7 @@ Frames are foreground work at the micro-batcher, as image requests: someone is w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -38,6 +39,22 @@ from service.video.tracking import LineCounter, Tracker
 log = logging.getLogger("service")
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
+AUTH_WAIT_S = 5.0  # a session without the key header must send it first, within this
+IDLE_S = 60.0  # a session sending nothing for this long is closed
+MAX_SETTINGS_BYTES = 64 * 1024
+
+
+def _settings_message(text: str) -> dict:
+    """A text message: a JSON object of the session's settings (422 ApiError otherwise)."""
+    if len(text) > MAX_SETTINGS_BYTES:
+        raise ApiError(422, "invalid_parameter", f"settings of {MAX_SETTINGS_BYTES} bytes at most")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(422, "invalid_parameter", "not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_parameter", "a JSON object")
+    return body
 
 
 class CameraSession:
@@ -62,7 +79,11 @@ class CameraSession:
         if unknown:
             raise ApiError(422, "invalid_parameter", f"unknown fields: {sorted(unknown)}")
         threshold = body.get("score_threshold", self.detect.postprocess.score_threshold)
-        if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 <= threshold <= 1.0
+        ):
             raise ApiError(422, "invalid_parameter", "score_threshold: a number in [0, 1]")
         classes = body.get("classes")
         if classes is not None and (
@@ -143,6 +164,22 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     @api.websocket("/v1/camera")
     async def camera(ws: WebSocket) -> None:
         await ws.accept()
+        authorised = key_ok(ws.headers.get("x-api-key"))
+        if not authorised:  # the key as the first message, soon and short, before a slot
+            try:
+                async with asyncio.timeout(AUTH_WAIT_S):
+                    message = await ws.receive()
+            except TimeoutError:
+                await ws.close(POLICY_VIOLATION, "the API key did not come")
+                return
+            text = message.get("text")
+            given = None
+            if text is not None and len(text) <= 1024:
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):
+                    given = json.loads(text).get("api_key")
+            if not key_ok(given if isinstance(given, str) else None):
+                await ws.close(POLICY_VIOLATION, "missing or wrong API key")
+                return
         if sessions["open"] >= settings.max_camera_sessions:
             metrics.rejected.labels("too_many_camera_sessions").inc()
             await ws.close(TRY_AGAIN_LATER, "too many camera sessions (SSD_MAX_CAMERA_SESSIONS)")
@@ -150,31 +187,22 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
         sessions["open"] += 1
         pipe: Pipeline = ws.app.state.pipeline
         session = CameraSession(settings, pipe)
-        authorised = key_ok(ws.headers.get("x-api-key"))
         try:
             while True:
-                message = await ws.receive()
+                try:
+                    async with asyncio.timeout(IDLE_S):
+                        message = await ws.receive()
+                except TimeoutError:
+                    await ws.close(1000, f"no frame for {IDLE_S:g} s")
+                    return
                 if message["type"] == "websocket.disconnect":
                     return
                 text, data = message.get("text"), message.get("bytes")
-                if not authorised:
-                    try:
-                        given = json.loads(text).get("api_key") if text else None
-                    except (ValueError, AttributeError):
-                        given = None
-                    if not key_ok(given if isinstance(given, str) else None):
-                        await ws.close(POLICY_VIOLATION, "missing or wrong API key")
-                        return
-                    authorised = True
-                    continue
                 try:
                     if text is not None:
-                        try:
-                            body = json.loads(text)
-                        except ValueError:
-                            raise ApiError(422, "invalid_parameter", "not JSON") from None
-                        if not isinstance(body, dict):
-                            raise ApiError(422, "invalid_parameter", "a JSON object")
+                        body = _settings_message(text)
+                        if set(body) == {"api_key"}:
+                            continue  # a key sent anyway where none is needed: no answer
                         session.configure(body)
                         await ws.send_json({"configured": True})
                         continue
@@ -185,6 +213,12 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
                     await ws.send_json(await session.answer(data))
                 except ApiError as exc:
                     error = {"status": exc.status, "code": exc.code, "message": exc.message}
+                    await ws.send_json({"error": error})
+                except (WebSocketDisconnect, asyncio.CancelledError):
+                    raise
+                except Exception:  # ours: said, logged, and the session goes on
+                    log.exception("camera session: unexpected error")
+                    error = {"status": 500, "code": "internal_error", "message": "see the log"}
                     await ws.send_json({"error": error})
         except WebSocketDisconnect:
             pass

@@ -66,6 +66,8 @@ def lines_of(values: object) -> tuple[Line, ...]:
     try:
         if not isinstance(values, list):
             raise ValueError("a list of lines [x1, y1, x2, y2]")
+        if len(values) > MAX_LINES:
+            raise ValueError(f"at most {MAX_LINES}")
         for value in values:
             if not isinstance(value, list | tuple) or len(value) != 4:
                 raise ValueError("a line is four numbers: x1,y1,x2,y2")
@@ -75,10 +77,8 @@ def lines_of(values: object) -> tuple[Line, ...]:
             if (x1, y1) == (x2, y2):
                 raise ValueError("a line's two points must differ")
             lines.append(Line(x1, y1, x2, y2))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
-    if len(lines) > MAX_LINES:
-        raise ApiError(422, "invalid_parameter", f"lines: at most {MAX_LINES}")
     return tuple(lines)
 
 

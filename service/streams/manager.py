@@ -25,10 +25,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import secrets
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from service.addresses import AddressRefused, ResolverBusy, SourcePolicy, Target, Unresolvable
 from service.backends import ModelInfo
@@ -48,6 +49,7 @@ log = logging.getLogger("service")
 SCHEMES = ("rtsp", "rtsps", "http", "https")
 SUBSCRIBER_QUEUE = 16
 BACKOFF_S = (0.5, 8.0)  # first wait before reconnecting, longest
+MAX_INTERNAL_ERRORS = 5  # unexpected errors in a row that end a stream as failed
 # a source answering this is not retried: it will not become another kind of source
 PERMANENT = {"unsupported_source", "source_redirected", "video_too_large", "frame_too_large"}
 
@@ -258,6 +260,7 @@ class LiveStream:
         backoff = BACKOFF_S[0]
         since = time.monotonic()  # the last frame, or the start
         first = True
+        internal = 0  # unexpected errors in a row
         while True:
             reason = None
             if not first:
@@ -267,6 +270,7 @@ class LiveStream:
             try:
                 await self._connect_and_process()
                 reason = "the source ended"
+                internal = 0
             except AddressRefused as exc:
                 self._fail(f"source_refused: {exc}")
                 return
@@ -282,6 +286,10 @@ class LiveStream:
             except Exception as exc:  # a fault of ours or of the backend: said, and retried
                 log.exception("stream %s: unexpected error", self.id)
                 reason = f"internal error: {type(exc).__name__}"
+                internal += 1
+                if internal >= MAX_INTERNAL_ERRORS:
+                    self._fail(f"{reason}, {internal} times in a row (the log has them)")
+                    return
             finally:
                 if self._worker is not None:
                     self._worker.kill()
@@ -293,7 +301,8 @@ class LiveStream:
                 return
             self._set_state("reconnecting", reason)
             await asyncio.sleep(backoff)
-            backoff = BACKOFF_S[0] if self._ran_a_while() else min(2 * backoff, BACKOFF_S[1])
+            fresh = self._ran_a_while() and not internal  # our own faults keep backing off
+            backoff = BACKOFF_S[0] if fresh else min(2 * backoff, BACKOFF_S[1])
 
     def _ran_a_while(self) -> bool:
         return self.last_frame_at is not None and time.monotonic() - self.last_frame_at < 1.0
@@ -420,24 +429,25 @@ class LiveStream:
         self.metrics.stream_lag.labels(self.id).set(self.lag_s or 0.0)
 
 
-SECRET_PARAMS = {"password", "pass", "pwd", "passwd", "token", "key", "auth", "secret", "sig"}
+# a name of a query parameter (or of a ``name=value`` in the path, as some cameras have) that
+# may carry a credential: its value is not shown
+_SECRET = re.compile(
+    r"(?i)([a-z0-9_.-]*(?:pas|pwd|token|key|secret|sig|cred|auth|user|usr|login)[a-z0-9_.-]*=)"
+    r"[^&;/]*"
+)
 
 
 def redacted(url: str) -> str:
-    """A source URL as it is shown: no password (nor user name) in it, nor the query parameters
-    cameras carry credentials in (``?user=admin&pwd=...``)."""
+    """A source URL as it is shown: no user name or password in it, nor the values of query
+    parameters or path segments named like credentials (``?user=admin&pwd=...``,
+    ``/user=admin_password=...``)."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        hidden = [
-            (k, "***" if k.lower() in SECRET_PARAMS or "user" in k.lower() else v) for k, v in pairs
-        ]
-        query = urlencode(hidden, safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    path = _SECRET.sub(r"\1***", parts.path)
+    query = _SECRET.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, path=path, query=query))
 
 
 def source_spec(target: Target, settings: Settings) -> SourceSpec:
@@ -529,6 +539,7 @@ class StreamManager:
             stream = LiveStream(
                 stream_id, params, self.pipe, self.policy, self.settings, self.metrics
             )
+            stream.draining = self.draining
             self.streams[stream_id] = stream
             stream.start()
             return stream

@@ -79,7 +79,7 @@ class StreamWorker(DecodeWorker):
 
     @classmethod
     async def launch(cls, spec: SourceSpec) -> StreamWorker:
-        body = {**spec.__dict__, "limits": spec.limits.__dict__}
+        body = {**spec.__dict__, "limits": spec.limits.__dict__, "gateway": os.getpid()}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -336,21 +336,22 @@ def read_source(spec: SourceSpec, newest: Newest) -> None:
         newest.end(VideoError(502, "source_unavailable", f"the source cannot be read: {exc}"))
 
 
-def _die_with_the_gateway() -> None:
-    """SIGKILL when the gateway dies, whatever this process is waiting for (Linux)."""
+def _die_with_the_gateway(gateway: int) -> None:
+    """SIGKILL when the gateway (process ``gateway``, possibly PID 1 in a container) dies,
+    whatever this process is waiting for (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the gateway died before the line above
+        if os.getppid() != gateway:  # the gateway died before the line above
             os._exit(0)
 
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway's Ctrl-C is the gateway's
-    _die_with_the_gateway()
     from service.video import protocol
 
     body = json.loads(sys.stdin.buffer.readline())
+    _die_with_the_gateway(body.pop("gateway"))
     spec = SourceSpec(**{**body, "limits": VideoLimits(**body["limits"])})
     newest = Newest()
     threading.Thread(target=read_source, args=(spec, newest), daemon=True).start()

@@ -4,6 +4,7 @@ the session limit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -69,6 +70,13 @@ def test_a_bad_frame_is_an_error_and_the_session_goes_on(live):
         assert json.loads(ws.recv())["error"]["status"] == 422
         ws.send("[1, 2")
         assert json.loads(ws.recv())["error"]["status"] == 422
+        for bad in (
+            "[" * 5000 + "]" * 5000,  # deeper than the parser goes
+            json.dumps({"lines": [[int("9" * 400), 0, 1, 1]]}),  # beyond a float
+            json.dumps({"lines": [[0, 0, 1, 1]] * 100_000}),  # a large message, many lines
+        ):
+            ws.send(bad)
+            assert json.loads(ws.recv())["error"]["status"] == 422
         ws.send(encode(render(TEST_SCENE, 30, bg)))
         assert "detections" in json.loads(ws.recv())
 
@@ -83,7 +91,9 @@ def test_the_session_limit(live):
 def test_the_api_key_first_when_no_header_can_be_sent(scene_repo):
     bg = background(0)
     frame = encode(render(TEST_SCENE, 30, bg))
-    settings = Settings(model_repository=scene_repo, model_name="ssd300_onnx", api_key="k3y")
+    settings = Settings(
+        model_repository=scene_repo, model_name="ssd300_onnx", api_key="k3y", max_camera_sessions=2
+    )
     with run_service(settings) as service:
         with connect(ws_url(service)) as ws:
             ws.send(frame)  # no key: closed, nothing detected
@@ -94,6 +104,17 @@ def test_the_api_key_first_when_no_header_can_be_sent(scene_repo):
             ws.send(json.dumps({"api_key": "k3y"}))
             ws.send(frame)
             assert "detections" in json.loads(ws.recv())
+        # clients without the key hold no session's place: with every place (2) asked for by
+        # them, one with the key still gets in
+        with contextlib.ExitStack() as stack:
+            idle = [stack.enter_context(connect(ws_url(service))) for _ in range(3)]
+            with connect(ws_url(service), additional_headers={"X-API-Key": "k3y"}) as ws:
+                ws.send(frame)
+                assert "detections" in json.loads(ws.recv())
+            for c in idle:
+                with pytest.raises(ConnectionClosed) as closed:
+                    c.recv(timeout=10)  # closed within the wait for the key
+                assert closed.value.rcvd.code == 1008
         with connect(ws_url(service), additional_headers={"X-API-Key": "k3y"}) as ws:
             ws.send(frame)
             assert "detections" in json.loads(ws.recv())
