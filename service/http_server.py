@@ -78,6 +78,13 @@ def server_config(app, settings: Settings, log_level: str = "info", **extra) -> 
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=30,
+        # the standard event loop, not uvloop: uvloop starts a child process (the video and
+        # stream workers) by running Python's after-fork handlers in the forked child, which
+        # in a gateway full of threads frees other threads' objects there; FFmpeg's (with
+        # threads of their own) then hang the child for ever, and the gateway's loop with it
+        # (seen: a CI run stuck in test_fairness, the child in sws_freeContext). The standard
+        # loop's subprocesses run no Python between fork and exec.
+        loop="asyncio",
         ws_max_size=settings.max_body_bytes + 4096,  # a camera frame, as an upload at most
         **extra,
     )

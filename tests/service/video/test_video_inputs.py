@@ -4,8 +4,10 @@ request; the service keeps serving images throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import signal
 import socket
 import time
@@ -348,3 +350,19 @@ def test_an_unwritable_video_folder_leaves_images_served(model_repo, tmp_path, c
             assert image.status_code == 200, image.text
         r = post(service, clips["good"])
         assert r.status_code == 503 and r.json()["error"]["code"] == "videos_unavailable", r.text
+
+
+def test_workers_start_without_python_in_the_forked_child(live, clips, tmp_path):
+    """A decoding worker is started with no Python run between fork and exec: Python's
+    after-fork handlers in the child free other threads' objects there, and FFmpeg's (with
+    threads of their own) then hang the child and the gateway's loop (uvloop's spawn did so)."""
+    mark = tmp_path / "python-ran-in-a-forked-child"
+
+    def in_child() -> None:
+        with contextlib.suppress(OSError):
+            mark.write_text("x")
+
+    os.register_at_fork(after_in_child=in_child)
+    r = post(live, clips["good"])
+    assert r.status_code == 200, r.text
+    assert not mark.exists(), "the worker's child ran Python's after-fork handlers"
