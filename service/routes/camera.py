@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -31,9 +30,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.pipeline import DetectParams, Pipeline
+from service.routes.common import key_matches
 from service.routes.videos import lines_of
 from service.settings import Settings
-from service.video.processing import frame_detections, track_detections
+from service.video.processing import count_crossings, frame_detections, track_detections
 from service.video.tracking import LineCounter, Tracker
 
 log = logging.getLogger("service")
@@ -130,8 +130,7 @@ class CameraSession:
         labels = {d["track_id"]: d["label"] for d in detections}
         for c in crossings:
             c["label"] = labels.get(c["track_id"])
-            tally = self.counts[c["line"]][c["direction"]]
-            tally[c["label"] or "?"] = tally.get(c["label"] or "?", 0) + 1
+        count_crossings(self.counts, crossings)
         self.frames += 1
         t3 = time.perf_counter()
         return {
@@ -155,16 +154,10 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
     api = APIRouter()
     sessions = {"open": 0}
 
-    def key_ok(given: str | None) -> bool:
-        if settings.api_key is None:
-            return True
-        expected = settings.api_key.get_secret_value().encode()
-        return given is not None and hmac.compare_digest(given.encode(), expected)
-
     @api.websocket("/v1/camera")
     async def camera(ws: WebSocket) -> None:
         await ws.accept()
-        authorised = key_ok(ws.headers.get("x-api-key"))
+        authorised = key_matches(settings, ws.headers.get("x-api-key"))
         if not authorised:  # the key as the first message, soon and short, before a slot
             try:
                 async with asyncio.timeout(AUTH_WAIT_S):
@@ -177,7 +170,7 @@ def router(settings: Settings, metrics: Metrics, auth: Callable) -> APIRouter:
             if text is not None and len(text) <= 1024:
                 with contextlib.suppress(ValueError, AttributeError, RecursionError):
                     given = json.loads(text).get("api_key")
-            if not key_ok(given if isinstance(given, str) else None):
+            if not key_matches(settings, given if isinstance(given, str) else None):
                 await ws.close(POLICY_VIOLATION, "missing or wrong API key")
                 return
         if sessions["open"] >= settings.max_camera_sessions:

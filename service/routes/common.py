@@ -17,6 +17,14 @@ log = logging.getLogger("service")
 T = TypeVar("T")
 
 
+def key_matches(settings: Settings, given: str | None) -> bool:
+    """Whether ``given`` is the service's API key (always, when none is set); constant time."""
+    if settings.api_key is None:
+        return True
+    expected = settings.api_key.get_secret_value()
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
 def api_key_check(settings: Settings) -> Callable[[Request], None]:
     """The dependency every /v1 route takes: X-API-Key, or ``Authorization: Bearer KEY`` (what a
     Prometheus scrape job sends); nothing to check when no key is set."""
@@ -28,8 +36,7 @@ def api_key_check(settings: Settings) -> Callable[[Request], None]:
         if given is None:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else ""
-        expected = settings.api_key.get_secret_value()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not key_matches(settings, given):
             raise ApiError(
                 401, "unauthorized", "missing or wrong X-API-Key", {"WWW-Authenticate": "ApiKey"}
             )

@@ -40,7 +40,7 @@ from service.pipeline import Pipeline
 from service.settings import Settings
 from service.streams.params import StreamParams
 from service.streams.worker import SourceSpec, StreamWorker
-from service.video.processing import frame_detections, track_detections
+from service.video.processing import count_crossings, frame_detections, track_detections
 from service.video.protocol import VideoError, VideoInfo, VideoLimits
 from service.video.tracking import LineCounter, Tracker
 
@@ -419,10 +419,7 @@ class LiveStream:
                     "model_version_changed", {"from": self.model_version, "to": model.version}
                 )
             self.model_version = model.version
-        for c in crossings:
-            tally = self.counts[c["line"]][c["direction"]]
-            label = c.get("label") or "?"
-            tally[label] = tally.get(label, 0) + 1
+        count_crossings(self.counts, crossings)
         now = time.monotonic()
         self.metrics.stream_processed_fps.labels(self.id).set(self._processed_rate.per_second(now))
         self.metrics.stream_input_fps.labels(self.id).set(self._input_rate.per_second())

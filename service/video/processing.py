@@ -299,3 +299,12 @@ def track_detections(
         {"line": index, "track_id": track, "direction": direction}
         for index, track, direction in counter.update(pixels, det.classes, ids)
     ]
+
+
+def count_crossings(counts: list[dict], crossings: list[dict]) -> None:
+    """Each crossing (with its ``label``) added to its line's ``in``/``out`` tally by label
+    (``?`` where the label is not known)."""
+    for c in crossings:
+        tally = counts[c["line"]][c["direction"]]
+        label = c.get("label") or "?"
+        tally[label] = tally.get(label, 0) + 1
