@@ -88,7 +88,9 @@ differs() {  # $1: a metadata.json key under DEST, $2: the local one; 0 when S3'
   }
   ! cmp -s "$tmp/remote.json" "$2"
 }
-# versions already in S3 must be these very versions: checked before anything is uploaded
+# versions already in S3 must be these very versions, and configs the same: checked before
+# anything is uploaded
+configs_checked=""
 for version_dir in $publishable; do
   model=$(basename "$(dirname "$version_dir")"); version=$(basename "$version_dir")
   exists "$model/.retired-$version" && continue
@@ -105,6 +107,23 @@ for version_dir in $publishable; do
       exit 2
     fi
   done
+  # a model's config goes with its first version only: a changed one is refused before any
+  # upload (a .next-N/ uploaded first would be copied by every sidecar and never served)
+  exists "$model/$version/metadata.json" && continue
+  case " $configs_checked " in *" $model "*) continue ;; esac
+  configs_checked="$configs_checked $model"
+  if exists "$model/config.pbtxt"; then
+    aws $endpoint s3 cp "$dest/$model/config.pbtxt" "$tmp/config.pbtxt" --only-show-errors || {
+      echo "$0: cannot read s3://$bucket/$root$model/config.pbtxt, nothing is published" >&2
+      exit 3
+    }
+    cmp -s "$tmp/config.pbtxt" "$dir/$model/config.pbtxt" || {
+      echo "$0: $dir/$model/config.pbtxt differs from the one in S3: a model's config is not" \
+        "changed under running servers (deploy it as a new model, or replace it yourself);" \
+        "nothing published" >&2
+      exit 2
+    }
+  fi
 done
 
 new=""; finish=""
@@ -127,18 +146,9 @@ for version_dir in $publishable; do
   new="$new $model/$version/$file"
 done
 [ -n "$new$finish" ] || { echo "nothing new in $dir"; exit 0; }
-for item in $new; do  # a model's config goes with its first version only
+for item in $new; do  # a model's config goes with its first version only (checked above)
   model=${item%%/*}
-  if exists "$model/config.pbtxt"; then
-    aws $endpoint s3 cp "$dest/$model/config.pbtxt" "$tmp/config.pbtxt" --only-show-errors
-    cmp -s "$tmp/config.pbtxt" "$dir/$model/config.pbtxt" || {
-      echo "$0: $dir/$model/config.pbtxt differs from the one in S3: a model's config is not" \
-        "changed under running servers (deploy it as a new model, or replace it yourself)" >&2
-      exit 2
-    }
-  else
-    s3 cp "$dir/$model/config.pbtxt" "$dest/$model/config.pbtxt"
-  fi
+  exists "$model/config.pbtxt" || s3 cp "$dir/$model/config.pbtxt" "$dest/$model/config.pbtxt"
 done
 if [ -n "$new" ]; then
   echo "labels of$new published; the model files follow in ${WAIT_S:-65} s"

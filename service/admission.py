@@ -166,7 +166,9 @@ class UploadAdmission:
         victim.dropped = True
         self.finish(victim)
         self.metrics.rejected.labels("upload_dropped").inc()
-        if victim.timer is not None:  # waiting on its next piece: wake it at once
+        # waiting on its next piece: wake it at once (unless its own deadline is already
+        # firing: an expiring timeout cannot be moved, and it wakes the upload anyway)
+        if victim.timer is not None and not victim.timer.expired():
             victim.timer.reschedule(now)
 
     def finish(self, upload: Upload) -> None:

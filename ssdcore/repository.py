@@ -345,6 +345,10 @@ class ModelStore:
         source = self.path / str(number)
         if not source.is_dir():
             raise RepositoryError(f"{source} does not exist")
+        # the number stays taken (a repository written before the record existed gets it now)
+        highest = max(number, *(v.number for v in self.versions()))
+        if highest > self.highest_published():
+            write_text_atomic(f"{highest}\n", self.path / HIGHEST)
         gone = self.path / f"{RETIRED_PREFIX}{number}-{uuid.uuid4().hex[:12]}"
         os.rename(source, gone)
         shutil.rmtree(gone, ignore_errors=True)

@@ -432,15 +432,32 @@ class TritonBackend:
             if version.label == self.versions.served:
                 return
             try:
+                stamp = version.stamp()
                 version.verify(hashes=False)
                 self.info_for(version.label)
-            except (RepositoryError, BackendUnavailable):
+            except OSError:
                 continue
-            with contextlib.suppress(InferenceServerException):
+            except (RepositoryError, BackendUnavailable) as exc:
+                self._refuse(version, stamp, str(exc))
+                continue
+            try:
                 await self._load_exactly([version.number])
-                self._stray = set()
+            except InferenceServerException as exc:
+                if not await self._live():  # Triton away: nothing learnt of the version
+                    return
+                # Triton cannot load it: refused, as a new version it cannot load is, and the
+                # next older one tried (it was tried again on every poll, the older never)
+                self._refuse(version, stamp, f"Triton could not load it: {exc.message()}")
+                continue
+            self._stray = set()
             await self._follow_served()
             return
+
+    async def _live(self) -> bool:
+        try:
+            return bool(await self.client.is_server_live(client_timeout=1.0))
+        except InferenceServerException:
+            return False
 
     def _refuse(
         self, version: ModelVersion, stamp: tuple[int, int], reason: str

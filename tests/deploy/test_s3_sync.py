@@ -278,6 +278,27 @@ def test_publish_checks_the_repository_first(s3, tmp_path):
     assert not client.list_objects_v2(Bucket=BUCKET, Prefix="checked/").get("Contents"), out
 
 
+def test_a_changed_config_is_refused_before_anything_is_uploaded(s3, tmp_path):
+    """Version 1 published; version 2 exported with another config.pbtxt (say another max batch
+    size): refused before any upload, so no MODEL/.next-2/ is left for the sidecars to install
+    as a version Triton will never load (it used to upload the labels first)."""
+    _, client = s3
+    source = tmp_path / "repo"
+    write_version(source, "onnx", seed=1)
+    finished(publish(s3, tmp_path, source, 0, prefix="configs"))
+    write_version(source, "onnx", seed=2)
+    config = source / MODEL / "config.pbtxt"
+    config.write_text(config.read_text() + "\n# changed\n")
+    before = {
+        o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="configs/")["Contents"]
+    }
+    proc = publish(s3, tmp_path, source, 0, prefix="configs")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "config.pbtxt differs" in out, out
+    after = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="configs/")["Contents"]}
+    assert after == before, after - before
+
+
 def test_a_version_number_from_two_exports_is_told_apart_by_its_content(s3, sidecar, tmp_path):
     """A publish stopped in its wait leaves MODEL/.next-1/ (labels only), which the sidecars
     install as version 1. Another export, written into a fresh folder, is version 1 again with

@@ -262,3 +262,54 @@ def test_a_pod_that_does_not_answer_keeps_the_served_version():
         await b.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("triton_live", [True, False])
+def test_explicit_rollback_past_a_version_triton_cannot_load(tmp_path, triton_live):
+    """Explicit mode, the served version (3) retired with nothing loaded to fall back on: the
+    newest servable on disk (2) is one Triton cannot load (its files have the right sizes; the
+    failure is injected). It is refused and the next older one (1) loaded; it used to be asked for
+    again on every poll and 1 never. With Triton itself away, nothing is refused."""
+    import asyncio
+
+    from tritonclient.utils import InferenceServerException
+
+    from service.backends.triton import TritonBackend
+    from tests.service.versions import write_version
+
+    repo = tmp_path / "repo"
+    for seed in (1, 2):
+        write_version(repo, "onnx", seed)
+
+    async def scenario() -> tuple[list[list[int]], TritonBackend]:
+        b = TritonBackend("127.0.0.1:1", "ssd300_onnx", timeout_s=0.1, repo=repo)
+        b.versions.served = "3"
+        loads: list[list[int]] = []
+
+        async def load_exactly(numbers: list[int]) -> None:
+            loads.append(numbers)
+            if numbers == [2] or not triton_live:
+                raise InferenceServerException("failed to load 'ssd300_onnx' version 2")
+
+        async def live() -> bool:
+            return triton_live
+
+        async def follow_served() -> None:
+            b.versions.served = str(loads[-1][0])
+
+        b._load_exactly, b._live, b._follow_served = load_exactly, live, follow_served
+        await b._serve_newest_servable()
+        await b._serve_newest_servable()  # the next poll: nothing more to do, or the same try
+        return loads, b
+
+    loads, b = asyncio.run(scenario())
+    if triton_live:
+        assert loads == [[2], [1]], loads
+        assert b.versions.served == "1"
+        assert (
+            b.versions.refused["version"] == "2"
+            and "could not load" in b.versions.refused["reason"]
+        )
+    else:
+        assert loads == [[2], [2]], loads  # asked again once Triton answers; refused nothing
+        assert b.versions.refused is None

@@ -162,6 +162,82 @@ def test_the_accounting_holds_under_any_interleaving(steps):
     assert a.held == 0 and not a.by_client and not a.held_by_client
 
 
+def test_an_upload_dropped_as_its_own_deadline_fires_costs_the_other_upload_nothing():
+    """Upload A stalls; its body deadline becomes due in the same turn of the event loop as
+    upload B's next piece, which needs A's room (a busy loop makes both due together; uvicorn
+    hands over data before it runs due timers). B's piece drops A, whose deadline is already
+    firing: B's upload goes on (it got a 500: an expiring timeout cannot be moved), A gets its
+    503, and nothing stays counted."""
+    import asyncio
+
+    from service.edge import BodyDeadline, EdgeMiddleware
+
+    async def scenario() -> tuple[dict, UploadAdmission]:
+        loop = asyncio.get_running_loop()
+        metrics = Metrics()
+        uploads = UploadAdmission(1000, 4, metrics)
+        results: dict[str, str] = {}
+        b_goes_on = loop.create_future()
+
+        async def app(scope, receive, send) -> None:
+            who = scope["client"][0]
+            try:
+                while (await receive()).get("more_body"):
+                    pass
+                results[who] = "read whole"
+            except ApiError as exc:
+                results[who] = f"{exc.status} {exc.code}"
+            except Exception as exc:  # what B got before the fix
+                results[who] = f"{type(exc).__name__}: {exc}"
+
+        edge = EdgeMiddleware(app, 10_000, metrics, BodyDeadline(0.3, 0, 0.0), uploads)
+
+        def scope(client: str, length: int) -> dict:
+            return {
+                "type": "http",
+                "path": "/v1/detect",
+                "client": (client, 1),
+                "headers": [(b"content-length", str(length).encode())],
+            }
+
+        async def send(message) -> None:
+            pass
+
+        a_calls = 0
+
+        async def receive_a() -> dict:
+            nonlocal a_calls
+            a_calls += 1
+            if a_calls == 1:
+                return {"type": "http.request", "body": b"a" * 600, "more_body": True}
+            upload = next(u for u in uploads.uploads if u.client == "10.0.0.1")
+            due = upload.timer.when()
+            loop.call_at(due - 0.003, time.sleep, 0.01)  # the loop busy across A's deadline
+            loop.call_at(due - 1e-4, b_goes_on.set_result, None)
+            await loop.create_future()  # A sends nothing more
+            raise AssertionError("unreachable")
+
+        b_calls = 0
+
+        async def receive_b() -> dict:
+            nonlocal b_calls
+            b_calls += 1
+            if b_calls == 2:
+                await b_goes_on
+            size = {1: 300, 2: 600}.get(b_calls, 100)
+            return {"type": "http.request", "body": b"b" * size, "more_body": b_calls < 3}
+
+        a = asyncio.create_task(edge(scope("10.0.0.1", 10_000), receive_a, send))
+        await asyncio.sleep(0.02)
+        b = asyncio.create_task(edge(scope("10.0.0.2", 1_000), receive_b, send))
+        await asyncio.gather(a, b, return_exceptions=True)
+        return results, uploads
+
+    results, uploads = asyncio.run(scenario())
+    assert results == {"10.0.0.1": "503 upload_dropped", "10.0.0.2": "read whole"}, results
+    assert uploads.held == 0 and not uploads.uploads
+
+
 def test_a_place_per_client_and_finish_gives_it_back():
     a = admission(per_client=2)
     first, second = a.begin("10.0.0.1", 10, 0.0), a.begin("10.0.0.1", 10, 0.0)

@@ -128,6 +128,70 @@ def test_numbers_only_go_up_after_a_retire(tmp_path):
     assert numbers(repo) == [1, 2, 4]
 
 
+def test_an_explicit_version_number_below_one_handed_out_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert main(["--retire", "2", "--output", str(repo)]) == 0
+    with pytest.raises(SystemExit, match="numbers only go up"):  # below the newest present
+        main(["--random-init", "--output", str(repo), *FAST, "--version", "2"])
+    assert main(["--retire", "3", "--output", str(repo)]) == 0
+    with pytest.raises(SystemExit, match="numbers only go up"):  # the newest, retired
+        main(["--random-init", "--output", str(repo), *FAST, "--version", "3"])
+    assert numbers(repo) == [1]
+    assert main(["--random-init", "--output", str(repo), *FAST, "--version", "7"]) == 0
+    assert numbers(repo) == [1, 7]
+
+
+def test_a_repository_written_before_the_record_keeps_a_retired_number(tmp_path):
+    """A repository whose versions predate the record of the highest number (an older export):
+    retiring its newest version records it, and the next export does not take it again."""
+    from ssdcore.repository import HIGHEST
+
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    (repo / "ssd300_onnx" / HIGHEST).unlink()
+    assert main(["--retire", "3", "--output", str(repo)]) == 0
+    assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    assert numbers(repo) == [1, 2, 4]
+
+
+def test_two_retires_at_once_never_leave_nothing_servable(tmp_path, monkeypatch):
+    """Two `--retire` runs at once, of the only two servable versions: both reach the lock before
+    either has looked (a barrier orders two threads as two processes could interleave); the
+    second to hold it sees the first's retire and refuses."""
+    import contextlib
+    import threading
+
+    import training.export.__main__ as cli
+    from ssdcore.repository import exclusive
+
+    repo = tmp_path / "repo"
+    for _ in range(2):
+        assert main(["--random-init", "--output", str(repo), *FAST, "--keep", "0"]) == 0
+    both = threading.Barrier(2)
+
+    @contextlib.contextmanager
+    def once_both_are_here(root, wait=None):
+        both.wait(timeout=10)
+        with exclusive(root, wait):
+            yield
+
+    monkeypatch.setattr(cli, "exclusive", once_both_are_here)
+    codes: dict[int, int] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: codes.__setitem__(n, cli.retire(repo, ["onnx"], n)))
+        for n in (1, 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(codes.values()) == [0, 2], codes
+    assert len(numbers(repo)) == 1
+
+
 def export_command(repo: Path, classes: Path) -> list[str]:
     return [sys.executable, "-m", "training.export", "--random-init", "--output", str(repo),
             "--classes", str(classes), *FAST, "--keep", "0"]  # fmt: skip

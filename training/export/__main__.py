@@ -212,23 +212,25 @@ def retire(output: Path, formats: list[str] | None, number: int) -> int:
     if not stores:
         log.error("no model in %s has a version %d", output, number)
         return 2
-    for store in stores:
-        left = [v for v in store.servable(hashes=False) if v.number != number]
-        if not left:
-            log.error(
-                "refusing to retire %s version %d: no other servable version is left",
-                store.name,
-                number,
-            )
-            return 2
-    for store in stores:
-        try:
-            with exclusive(output):  # not in the middle of an export's pruning
+    # the check and the retire under one lock: two retires at once (of the last two servable
+    # versions) would both see the other's version left and retire both
+    with exclusive(output):  # nor in the middle of an export's pruning
+        for store in stores:
+            left = [v for v in store.servable(hashes=False) if v.number != number]
+            if not left:
+                log.error(
+                    "refusing to retire %s version %d: no other servable version is left",
+                    store.name,
+                    number,
+                )
+                return 2
+        for store in stores:
+            try:
                 store.retire(number)
-        except (OSError, RepositoryError) as exc:
-            log.error("cannot retire %s version %d: %s", store.name, number, exc)
-            return 2
-        log.info("retired %s version %d", store.name, number)
+            except (OSError, RepositoryError) as exc:
+                log.error("cannot retire %s version %d: %s", store.name, number, exc)
+                return 2
+            log.info("retired %s version %d", store.name, number)
     return 0
 
 

@@ -148,6 +148,12 @@ def _write_versions(
     for store in stores.values():
         if store.version(number).path.exists():
             raise SystemExit(f"error: {store.version(number).path} exists (versions are kept)")
+        if number < store.next_number():  # an explicit --version below one handed out before
+            raise SystemExit(
+                f"error: {store.name} has had version {store.next_number() - 1}: numbers only "
+                f"go up (a retired number names the retired model to gateways and S3 copies); "
+                f"use --version {store.next_number()} or leave it out"
+            )
         store.remove_stale_staging()
     written: dict[str, VersionMetadata] = {}
     onnx_file: Path | None = None
