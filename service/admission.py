@@ -223,20 +223,32 @@ def parse_networks(values: list[str]) -> list[Network]:
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: list[Network]) -> str:
-    """The client's address: the peer, or behind trusted proxies the rightmost address of
-    ``X-Forwarded-For`` that is not one of them (anything left of it the client wrote itself)."""
+    """The client, as limits per client count it: the peer's address, or behind trusted proxies
+    the rightmost address of ``X-Forwarded-For`` that is not one of them (anything left of it
+    the client wrote itself); an IPv6 address as its /64, the network one customer is given
+    (any of its 2^64 addresses would otherwise be another client)."""
     address = peer or "unknown"
     if not trusted or not forwarded_for or not _in(address, trusted):
-        return address
+        return _as_client(address)
     for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
         try:
             ipaddress.ip_address(hop)
         except ValueError:
-            return address  # a malformed hop: the last proxy seen, never a guess
+            return _as_client(address)  # a malformed hop: the last proxy seen, never a guess
         if not _in(hop, trusted):
-            return hop
+            return _as_client(hop)
         address = hop
-    return address
+    return _as_client(address)
+
+
+def _as_client(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped) if isinstance(ip, ipaddress.IPv6Address) else address
 
 
 def _in(address: str, networks: list[Network]) -> bool:

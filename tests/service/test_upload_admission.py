@@ -269,6 +269,12 @@ def test_the_client_address_behind_trusted_proxies_only():
     assert client_address("192.168.0.7", "10.1.0.9", trusted) == "10.1.0.9"  # all trusted
     # a malformed hop: the last proxy seen stands for the client, never the junk
     assert client_address("192.168.0.7", "nonsense, 10.1.0.9", trusted) == "10.1.0.9"
+    # IPv6: one customer's /64 is one client, whichever of its addresses it sends from
+    a = client_address("2001:db8:1:2::1", None, trusted)
+    b = client_address("2001:db8:1:2:ffff:1:2:3", None, trusted)
+    assert a == b == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:3::1", None, trusted) != a
+    assert client_address("::ffff:1.2.3.4", None, []) == "1.2.3.4"  # IPv4 written as IPv6
     with pytest.raises(ValueError):
         parse_networks(["10.0.0.0/33"])
 
