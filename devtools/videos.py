@@ -6,6 +6,7 @@ COCO-format training set of still frames of the same scene (the model the video 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,35 @@ def write_clip(
 
     _encode_all(*_video_stream(path, codec, fps, size), pictures())
     return truth
+
+
+def scene_hls(
+    folder: Path, segments: int = 3, per_segment: int = 25, fps: int = 25
+) -> tuple[list[Path], str]:
+    """The test scene as HLS: MPEG-TS segments of ``per_segment`` frames (each starting with a
+    key frame, timestamps running on from one to the next) and a playlist that ends (VOD)."""
+    from fractions import Fraction
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bg = background(0)
+    paths = []
+    for k in range(segments):
+        path = folder / f"scene{k}.ts"
+
+        def pictures(k: int = k) -> Iterator[av.VideoFrame]:
+            for f in range(k * per_segment, (k + 1) * per_segment):
+                frame = av.VideoFrame.from_image(render(TEST_SCENE, f, bg))
+                frame.pts, frame.time_base = f, Fraction(1, fps)
+                yield frame
+
+        _encode_all(*_video_stream(path, "libx264", fps, SCENE, fmt="mpegts"), pictures())
+        paths.append(path)
+    seconds = per_segment / fps
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{math.ceil(seconds)}",
+             "#EXT-X-MEDIA-SEQUENCE:0"]  # fmt: skip
+    for path in paths:
+        lines += [f"#EXTINF:{seconds:.3f},", path.name]
+    return paths, "\n".join([*lines, "#EXT-X-ENDLIST"]) + "\n"
 
 
 def scene_y4m(path: Path, frames: int = 75, fps: int = 25) -> Path:

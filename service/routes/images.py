@@ -79,6 +79,23 @@ def detect_params(settings: Settings) -> Callable[..., DetectParams]:
 _GRID = re.compile(r"([0-9]{1,3})x([0-9]{1,3})")
 
 
+def tile_spec(tiles: str | None, size: int, overlap: float, whole: bool) -> TileSpec | None:
+    """``tiles`` as a request says it (``auto``, a grid ``COLSxROWS``, unset or ``off``: none)
+    -> what it asks for; 422 (ApiError) for anything else."""
+    if tiles is None or tiles in ("", "off", "none"):
+        return None
+    if tiles == "auto":
+        return TileSpec(None, size, overlap, whole)
+    match = _GRID.fullmatch(tiles)
+    if match is None or min(int(match[1]), int(match[2])) < 1:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"tiles must be auto or a grid COLSxROWS such as 4x3, got {tiles!r}",
+        )
+    return TileSpec((int(match[1]), int(match[2])), size, overlap, whole)
+
+
 def tile_params(settings: Settings) -> Callable[..., TileSpec | None]:
     """The tiling query parameters (ssdcore/tiling.py), defaults from settings."""
 
@@ -104,20 +121,7 @@ def tile_params(settings: Settings) -> Callable[..., TileSpec | None]:
             bool, Query(description="run the whole image too (large objects)")
         ] = True,
     ) -> TileSpec | None:
-        if tiles is None or tiles in ("", "off", "none"):
-            return None
-        if tiles == "auto":
-            grid = None
-        else:
-            match = _GRID.fullmatch(tiles)
-            if match is None or min(int(match[1]), int(match[2])) < 1:
-                raise ApiError(
-                    422,
-                    "invalid_parameter",
-                    f"tiles must be auto or a grid COLSxROWS such as 4x3, got {tiles!r}",
-                )
-            grid = (int(match[1]), int(match[2]))
-        return TileSpec(grid, tile_size, tile_overlap, tile_whole)
+        return tile_spec(tiles, tile_size, tile_overlap, tile_whole)
 
     return params
 

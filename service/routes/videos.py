@@ -23,13 +23,15 @@ from service.routes.images import detect_params, tile_params
 from service.settings import Settings
 from service.video.processing import VideoParams, VideoRun
 from service.video.protocol import VideoError, VideoLimits
-from service.video.tracking import Line
+from service.video.tracking import Line, Zone
 from service.video.worker import DecodeWorker
 from ssdcore.tiling import TileSpec
 
 log = logging.getLogger("service")
 MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")
 MAX_LINES = 16
+MAX_ZONES = 16
+MAX_ZONE_POINTS = 64
 UPLOADS_PER_CLIENT = 2
 _BINARY = {"type": "string", "format": "binary"}
 VIDEO_BODY = {
@@ -80,6 +82,37 @@ def lines_of(values: object) -> tuple[Line, ...]:
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ApiError(422, "invalid_parameter", f"lines: {exc}") from None
     return tuple(lines)
+
+
+def zones_of(values: object) -> tuple[Zone, ...]:
+    """Zones from a list of polygons [[x, y], [x, y], [x, y], ...] (pixels); 422 for anything
+    else."""
+    zones = []
+    try:
+        if not isinstance(values, list):
+            raise ValueError("a list of polygons [[x, y], [x, y], [x, y], ...]")
+        if len(values) > MAX_ZONES:
+            raise ValueError(f"at most {MAX_ZONES}")
+        for value in values:
+            if not isinstance(value, list | tuple) or not 3 <= len(value) <= MAX_ZONE_POINTS:
+                raise ValueError(f"a zone is 3 to {MAX_ZONE_POINTS} points [x, y]")
+            points = []
+            for point in value:
+                if not isinstance(point, list | tuple) or len(point) != 2:
+                    raise ValueError("a point is two numbers: [x, y]")
+                x, y = float(point[0]), float(point[1])
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    raise ValueError("coordinates must be finite numbers")
+                points.append((x, y))
+            twice = sum(
+                (x0 * y1 - x1 * y0) for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])
+            )
+            if abs(twice) < 1e-9:
+                raise ValueError("a zone must enclose an area (its points are on one line)")
+            zones.append(Zone(tuple(points)))
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ApiError(422, "invalid_parameter", f"zones: {exc}") from None
+    return tuple(zones)
 
 
 class VideoSlots:

@@ -31,18 +31,21 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+
 from service.addresses import AddressRefused, ResolverBusy, SourcePolicy, Target, Unresolvable
 from service.backends import ModelInfo
 from service.batching import BatchResult
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, describe
 from service.settings import Settings
 from service.streams.params import StreamParams
 from service.streams.worker import SourceSpec, StreamWorker
 from service.video.processing import count_crossings, frame_detections, track_detections
-from service.video.protocol import VideoError, VideoInfo, VideoLimits
-from service.video.tracking import LineCounter, Tracker
+from service.video.protocol import LiveFrame, VideoError, VideoInfo, VideoLimits
+from service.video.tracking import LineCounter, Tracker, ZoneCounter
+from ssdcore.tiling import TilePlan, TileSpec
 
 log = logging.getLogger("service")
 
@@ -51,7 +54,13 @@ SUBSCRIBER_QUEUE = 16
 BACKOFF_S = (0.5, 8.0)  # first wait before reconnecting, longest
 MAX_INTERNAL_ERRORS = 5  # unexpected errors in a row that end a stream as failed
 # a source answering this is not retried: it will not become another kind of source
-PERMANENT = {"unsupported_source", "source_redirected", "video_too_large", "frame_too_large"}
+PERMANENT = {
+    "unsupported_source",
+    "source_redirected",
+    "source_refused",  # a URL a playlist names
+    "video_too_large",
+    "frame_too_large",
+}
 
 
 class Subscriber:
@@ -161,10 +170,13 @@ class LiveStream:
         self.source_info: VideoInfo | None = None
         self.model_version: str | None = None
         self.counts: list[dict] = [{"in": {}, "out": {}} for _ in params.lines]
+        self._zones: ZoneCounter | None = None  # the current tracks' (occupancy restarts with them)
+        self.zone_counts: list[dict] = [{"entered": {}, "exited": {}} for _ in params.zones]
         self.subscribers: set[Subscriber] = set()
         self._processed_rate = _Rate()
         self._input_rate = _SourceRate()
         self._worker: StreamWorker | None = None
+        self._occupancy: list[dict[str, int]] | None = None  # per zone, by class name
         # a new tracker (after a reconnection, or a new class list) numbers from 1 again: its
         # ids are shown above every id given before, so an id names one object in a stream
         self._id_offset = 0
@@ -200,9 +212,36 @@ class LiveStream:
                 {"line": [ln.x1, ln.y1, ln.x2, ln.y2], **counts}
                 for ln, counts in zip(self.params.lines, self.counts)
             ],
+            "zones": [
+                {"zone": [list(p) for p in zone.points], **counts, "inside": inside}
+                for zone, counts, inside in zip(self.params.zones, self.zone_counts, self._inside())
+            ],
+            "tiles": self._tiles_described(),
             "subscribers": len(self.subscribers),
             "created": self.created,
         }
+
+    def _inside(self) -> list[dict[str, int]]:
+        """Per zone, the tracks inside it now by class name (as the last frame left them: a
+        copy made by the thread that counts, never read while it changes)."""
+        return self._occupancy or [{} for _ in self.params.zones]
+
+    def _tiles_described(self) -> dict | None:
+        tiling, info = self.params.detect.tiling, self.source_info
+        if tiling is None:
+            return None
+        if info is None:
+            return {"planned": None}
+        plan = self._plan(info.width, info.height)
+        return describe(plan) if plan is not None else {"runs": 1}
+
+    def _plan(self, width: int, height: int) -> TilePlan | None:
+        """A frame's tiles, as the worker cuts them (None: the frame whole)."""
+        tiling = self.params.detect.tiling
+        if tiling is None:
+            return None
+        plan = tiling.plan(width, height, self.settings.tile_budget)
+        return None if plan.trivial else plan
 
     # --- events ---
 
@@ -310,7 +349,7 @@ class LiveStream:
     async def _connect_and_process(self) -> None:
         timeout = self.settings.stream_timeout_s
         target = await self.policy.check(self.params.source, SCHEMES)
-        spec = source_spec(target, self.settings)
+        spec = source_spec(target, self.settings, self.params.detect.tiling)
         self._worker = worker = await StreamWorker.launch(spec)
         async with asyncio.timeout(timeout):
             info = await worker.info()
@@ -349,9 +388,7 @@ class LiveStream:
                 self.skipped += skipped
                 self.metrics.stream_frames_skipped.labels(self.id).inc(skipped)
             try:
-                results = await pipe.batcher.submit(
-                    [frame.pixels], deadline=time.perf_counter() + pipe.timeout_s, background=True
-                )
+                results = await self._infer(frame)
             except ApiError as exc:  # the model's trouble (overload, a backend down), not the
                 # source's: this frame is lost, the camera stays connected
                 log.warning("stream %s: frame %d not detected: %s", self.id, frame.index, exc)
@@ -366,15 +403,17 @@ class LiveStream:
                     span=max(frame.width, frame.height),
                 )
                 counter = LineCounter(list(params.lines)) if params.lines else None
+                self._zones = ZoneCounter(list(params.zones)) if params.zones else None
                 self._id_offset = self._max_id
                 classes = model.classes
-            detections, crossings = await loop.run_in_executor(
-                pipe.pool, self._detect, results, model, frame.width, frame.height, tracker, counter
+                self._occupancy = None
+            detections, crossings, zone_events = await loop.run_in_executor(
+                pipe.pool, self._detect, results, model, frame, tracker, counter, self._zones
             )
             self.lag_s = time.time() - frame.captured
             self.processed += 1
             self._processed_rate.add(time.monotonic())
-            self._record(model, crossings, detections)
+            self._record(model, crossings, zone_events)
             event: dict[str, Any] = {
                 "frame": frame.index,
                 "captured": round(frame.captured, 3),
@@ -387,19 +426,38 @@ class LiveStream:
             }
             if crossings:
                 event["crossings"] = crossings
+            if zone_events:
+                event["zones"] = zone_events
             self.publish("frame", event)
+
+    async def _infer(self, frame: LiveFrame) -> list[BatchResult]:
+        """The model's answer for a frame (or for each of its tiles, all from one version)."""
+        pipe = self.pipe
+        inputs = list(frame.pixels) if frame.pixels.ndim == 4 else [frame.pixels]
+        plan = self._plan(frame.width, frame.height)
+        if len(inputs) != (plan.runs if plan is not None else 1):
+            raise VideoError(502, "invalid_source", "the worker cut a frame into other tiles")
+        deadline = time.perf_counter() + pipe.timeout_s
+        results = await pipe.batcher.submit(inputs, deadline=deadline, background=True)
+        if len(results) > 1:  # a frame's tiles: from one version (Triton may move mid-frame)
+            results = await pipe.infer_one_version(
+                inputs, deadline, None, background=True, first=results
+            )
+        return results
 
     def _detect(
         self,
         results: list[BatchResult],
         model: ModelInfo,
-        width: int,
-        height: int,
+        frame: LiveFrame,
         tracker: Tracker,
         counter: LineCounter | None,
-    ) -> tuple[list[dict], list[dict]]:
+        zones: ZoneCounter | None,
+    ) -> tuple[list[dict], list[dict], list[dict]]:
+        width, height = frame.width, frame.height
+        plan = self._plan(width, height)
         detections, det = frame_detections(
-            results, model, self.params.detect, None, self.pipe.tile_merge, width, height
+            results, model, self.params.detect, plan, self.pipe.tile_merge, width, height
         )
         crossings = track_detections(detections, det, tracker, counter)
         for d in detections:
@@ -410,9 +468,34 @@ class LiveStream:
         for c in crossings:
             c["track_id"] += self._id_offset
             c["label"] = labels.get(c["track_id"])
-        return detections, crossings
+        zone_events = []
+        if zones is not None:
+            ids = np.asarray(
+                [d["track_id"] - self._id_offset if d["track_id"] is not None else -1
+                 for d in detections],
+                dtype=np.int64,
+            )  # fmt: skip
+            pixels = np.asarray(
+                [[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in detections],
+                dtype=np.float64,
+            ).reshape(-1, 4)
+            for index, track, label, kind in zones.update(pixels, det.classes, ids, frame.captured):
+                zone_events.append(
+                    {
+                        "zone": index,
+                        "track_id": track + self._id_offset,
+                        "label": model.classes.name(label),
+                        "event": "exit" if kind == "lost" else kind,
+                        **({"lost": True} if kind == "lost" else {}),
+                    }
+                )
+            self._occupancy = [  # replaced whole: describe() reads it on the event loop
+                {model.classes.name(label): n for label, n in by_label.items()}
+                for by_label in zones.occupancy()
+            ]
+        return detections, crossings, zone_events
 
-    def _record(self, model: ModelInfo, crossings: list[dict], detections: list[dict]) -> None:
+    def _record(self, model: ModelInfo, crossings: list[dict], zone_events: list[dict]) -> None:
         if model.version != self.model_version:
             if self.model_version is not None:
                 self.publish(
@@ -420,6 +503,9 @@ class LiveStream:
                 )
             self.model_version = model.version
         count_crossings(self.counts, crossings)
+        for z in zone_events:
+            tally = self.zone_counts[z["zone"]]["entered" if z["event"] == "enter" else "exited"]
+            tally[z["label"]] = tally.get(z["label"], 0) + 1
         now = time.monotonic()
         self.metrics.stream_processed_fps.labels(self.id).set(self._processed_rate.per_second(now))
         self.metrics.stream_input_fps.labels(self.id).set(self._input_rate.per_second())
@@ -447,8 +533,9 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, path=path, query=query))
 
 
-def source_spec(target: Target, settings: Settings) -> SourceSpec:
-    """What the worker connects to: the checked address, never the name again."""
+def source_spec(target: Target, settings: Settings, tiles: TileSpec | None = None) -> SourceSpec:
+    """What the worker connects to: the checked address, never the name again; ``tiles``: each
+    frame cut into tiles there (as the gateway plans them, within ``SSD_MAX_TILES`` runs)."""
     url = target.url
     address = target.addresses[0]
     shown = f"[{address}]" if ":" in address else address
@@ -462,7 +549,7 @@ def source_spec(target: Target, settings: Settings) -> SourceSpec:
     pinned = f"{scheme}://{auth}{shown}:{target.port}{path}"
     limits = VideoLimits(settings.max_video_pixels, settings.max_video_side, float("inf"))
     return SourceSpec(
-        kind="rtsp" if scheme.startswith("rtsp") else "mjpeg",
+        kind="rtsp" if scheme.startswith("rtsp") else "http",
         url=pinned,
         address=address,
         port=target.port,
@@ -473,6 +560,9 @@ def source_spec(target: Target, settings: Settings) -> SourceSpec:
         limits=limits,
         max_part_bytes=settings.max_body_bytes,
         ca_file=str(settings.image_url_ca_file) if settings.image_url_ca_file else None,
+        tiles=tiles,
+        max_runs=settings.tile_budget,
+        sources=tuple(settings.stream_sources),
     )
 
 
@@ -508,6 +598,7 @@ class StreamManager:
 
     async def add(self, params: StreamParams, stream_id: str | None = None) -> LiveStream:
         """A new stream, its source checked first (4xx when refused); 503 beyond the limit."""
+        self.pipe.check_tiles(params.detect)  # a grid beyond SSD_MAX_TILES: 422
         self._room(stream_id)  # before a lookup: a full service answers at once
         try:
             target = await self.policy.check(params.source, SCHEMES)

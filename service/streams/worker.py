@@ -11,10 +11,12 @@ worker's stdin and gets the newest one it has not had yet (its index says how ma
 Sources:
 - RTSP (``rtsp``, ``rtsps``): FFmpeg through service/video/decode.py, RTP interleaved over the
   RTSP connection, FFmpeg's protocols limited to ``rtsp,rtsps,tcp,tls``;
-- MJPEG over HTTP (``http``, ``https``; ``multipart/x-mixed-replace``, what IP cameras and
-  ``motion``-style servers send): read here with the standard library, each part decoded as an
-  uploaded image is (service/imaging.py). A redirect is not followed (its target would not have
-  been checked).
+- over HTTP (``http``, ``https``), by what the answer is: MJPEG (``multipart/x-mixed-replace``,
+  what IP cameras and ``motion``-style servers send), read here with the standard library, each
+  part decoded as an uploaded image is (service/imaging.py); an HLS playlist, or a video (a file,
+  a live MPEG-TS), fetched here and demuxed by FFmpeg from a file object
+  (service/streams/remote.py). A redirect is not followed (its target would not have been
+  checked).
 
 Messages on stdout (service/video/protocol.py): INFO once the first frame arrived, then one LIVE
 per request, and ERROR or DONE when the source ends.
@@ -23,7 +25,6 @@ per request, and ERROR or DONE when the source ends.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import http.client
@@ -31,13 +32,11 @@ import json
 import os
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -52,6 +51,7 @@ from service.video.protocol import (
     parse_live,
 )
 from service.video.worker import DecodeWorker
+from ssdcore.tiling import TilePlan, TileSpec
 
 MAX_HEADER_LINE = 8192
 
@@ -61,7 +61,7 @@ class SourceSpec:
     """Where a worker connects: ``url`` for RTSP (its host already the checked address);
     ``address``/``port``/``host``/``path``/``tls`` for MJPEG over HTTP."""
 
-    kind: str  # "rtsp" or "mjpeg"
+    kind: str  # "rtsp" or "http"
     url: str
     address: str
     port: int
@@ -72,6 +72,17 @@ class SourceSpec:
     limits: VideoLimits
     max_part_bytes: int  # one MJPEG part at most
     ca_file: str | None = None
+    tiles: TileSpec | None = None  # each frame's tiles (and the whole frame) instead of the frame
+    max_runs: int = 1  # model runs a frame's tiles may take (as the gateway plans them)
+    sources: tuple[str, ...] = ()  # SSD_STREAM_SOURCES: for URLs a playlist names
+
+    def plan(self, width: int, height: int) -> TilePlan | None:
+        """The tiles of a frame of this size, as the gateway plans them (None: the frame
+        whole)."""
+        if self.tiles is None:
+            return None
+        plan = self.tiles.plan(width, height, self.max_runs)
+        return None if plan.trivial else plan
 
 
 class StreamWorker(DecodeWorker):
@@ -79,7 +90,12 @@ class StreamWorker(DecodeWorker):
 
     @classmethod
     async def launch(cls, spec: SourceSpec) -> StreamWorker:
-        body = {**spec.__dict__, "limits": spec.limits.__dict__, "gateway": os.getpid()}
+        body = {
+            **spec.__dict__,
+            "limits": spec.limits.__dict__,
+            "tiles": asdict(spec.tiles) if spec.tiles is not None else None,
+            "gateway": os.getpid(),
+        }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -124,9 +140,9 @@ class StreamWorker(DecodeWorker):
 @dataclass(frozen=True)
 class Pending:
     """A frame as the reading thread leaves it: decoded (RTSP, whose frames depend on the ones
-    before) or still compressed (an MJPEG part), made into the model's 300x300 RGB only if it
-    is the one sent. A source sending far more frames than the stream's rate costs little more
-    than reading them."""
+    before) or still compressed (an MJPEG part), made into the model's 300x300 RGB (or its
+    tiles') only if it is the one sent. A source sending far more frames than the stream's rate
+    costs little more than reading them."""
 
     index: int
     captured: float
@@ -183,24 +199,10 @@ def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
         stream = container.streams.video[0] if container.streams.video else None
         codec = stream.codec_context.name if stream is not None else "none"
         rate = stream.average_rate or stream.guessed_rate if stream is not None else None
-        for index, (width, height, pixels) in enumerate(live_pictures(container, spec.limits)):
+        pictures = live_pictures(container, spec.limits, spec.plan)
+        for index, (width, height, pixels) in enumerate(pictures):
             info = VideoInfo("rtsp", codec, width, height, float(rate or 0), 0.0, 0)
             yield Pending(index, time.time(), width, height, pixels), info
-
-
-class _PinnedConnection(http.client.HTTPConnection):
-    """HTTP(S) to a checked address, saying the URL's host (Host header, TLS name)."""
-
-    def __init__(self, spec: SourceSpec) -> None:
-        super().__init__(spec.host, spec.port, timeout=spec.timeout_s)
-        self.spec = spec
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.spec.address, self.spec.port), self.timeout)
-        if self.spec.tls:
-            context = ssl.create_default_context(cafile=self.spec.ca_file)
-            sock = context.wrap_socket(sock, server_hostname=self.spec.host)
-        self.sock = sock
 
 
 def _boundary(content_type: str) -> bytes | None:
@@ -215,36 +217,63 @@ def _boundary(content_type: str) -> bytes | None:
     return None
 
 
-def mjpeg_parts(spec: SourceSpec) -> Iterator[bytes]:
-    """The JPEG parts of an MJPEG-over-HTTP source, as they arrive."""
-    conn = _PinnedConnection(spec)
-    try:
-        headers = {"User-Agent": "ssd300-service"}
-        url = urlsplit(spec.url)
-        if url.username is not None:  # a camera's credentials in its URL: HTTP Basic
-            user = f"{unquote(url.username)}:{unquote(url.password or '')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
-        conn.request("GET", spec.path, headers=headers)
-        resp = conn.getresponse()
-    except (OSError, http.client.HTTPException) as exc:
-        raise VideoError(502, "source_unavailable", f"the source cannot be read: {exc}") from None
-    if 300 <= resp.status < 400:
-        raise VideoError(
-            502,
-            "source_redirected",
-            f"the source answered {resp.status} (a redirect): stream sources are not followed "
-            "elsewhere; give the final URL",
-        )
-    if resp.status != 200:
-        raise VideoError(502, "source_unavailable", f"the source answered HTTP {resp.status}")
-    delimiter = _boundary(resp.getheader("content-type", ""))
-    if delimiter is None:
-        raise VideoError(
-            415,
-            "unsupported_source",
-            "an http(s) source must send MJPEG (multipart/x-mixed-replace); this one sent "
-            f"{resp.getheader('content-type', 'no content type')!r}",
-        )
+def http_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
+    """An http(s) source, by what it answers: MJPEG, an HLS playlist, or a video."""
+    from service.streams.remote import (
+        HLS_TYPES,
+        MAX_PLAYLIST_BYTES,
+        ChunkFile,
+        Fetcher,
+        RemoteFile,
+        hls_bytes,
+    )
+
+    fetcher = Fetcher(spec)
+    resp = fetcher.get(fetcher.url)
+    content_type = resp.getheader("content-type", "")
+    delimiter = _boundary(content_type)
+    if delimiter is not None:
+        yield from mjpeg_frames(spec, mjpeg_parts(spec, resp, delimiter))
+        return
+    body = RemoteFile(fetcher, fetcher.url, resp)
+    head = body.peek_head()
+    if any(t in content_type.lower() for t in HLS_TYPES) or head.startswith(b"#EXTM3U"):
+        try:
+            raw = head + resp.read(MAX_PLAYLIST_BYTES + 1 - len(head))
+        finally:
+            body.close()
+        if len(raw) > MAX_PLAYLIST_BYTES:
+            raise VideoError(413, "video_too_large", f"a playlist over {MAX_PLAYLIST_BYTES} bytes")
+        text = raw.decode("utf-8", errors="replace")
+        segments = ChunkFile(hls_bytes(fetcher, fetcher.url, text))
+        yield from remote_frames(spec, segments, segments.peek_head(), "hls")
+    else:
+        try:
+            yield from remote_frames(spec, body, head, None)
+        finally:
+            body.close()
+
+
+def remote_frames(
+    spec: SourceSpec, file, head: bytes, container_name: str | None
+) -> Iterator[tuple[Pending, VideoInfo]]:
+    """A video fetched over HTTP, demuxed by FFmpeg from ``file``, frames at their pace."""
+    from service.video.decode import live_pictures, open_remote
+
+    container = open_remote(file, head, "the source")
+    with container:
+        stream = container.streams.video[0] if container.streams.video else None
+        codec = stream.codec_context.name if stream is not None else "none"
+        rate = stream.average_rate or stream.guessed_rate if stream is not None else None
+        name = container_name or container.format.name
+        pictures = live_pictures(container, spec.limits, spec.plan, paced=True)
+        for index, (width, height, pixels) in enumerate(pictures):
+            info = VideoInfo(name, codec, width, height, float(rate or 0), 0.0, 0)
+            yield Pending(index, time.time(), width, height, pixels), info
+
+
+def mjpeg_parts(spec: SourceSpec, resp, delimiter: bytes) -> Iterator[bytes]:
+    """The JPEG parts of an MJPEG-over-HTTP answer, as they arrive."""
     closing = delimiter + b"--"
 
     def line() -> bytes:
@@ -292,18 +321,20 @@ def mjpeg_parts(spec: SourceSpec) -> Iterator[bytes]:
             ) from None
         raise VideoError(502, "source_unavailable", f"the source broke off: {exc}") from None
     finally:
-        conn.close()
+        resp.close()
 
 
-def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
+def mjpeg_frames(spec: SourceSpec, parts: Iterator[bytes]) -> Iterator[tuple[Pending, VideoInfo]]:
     from service.errors import ApiError
-    from service.imaging import ImageLimits, decode_image, image_size
+    from service.imaging import ImageLimits, decode_image, decode_tiled, image_size
 
     limits = ImageLimits(spec.limits.max_pixels, spec.limits.max_side)
 
-    def pixels_of(part: bytes) -> Callable[[], np.ndarray]:
+    def pixels_of(part: bytes, plan: TilePlan | None) -> Callable[[], np.ndarray]:
         def pixels() -> np.ndarray:
             try:
+                if plan is not None:
+                    return np.stack(decode_tiled(part, limits, lambda w, h: plan).pixels)
                 return decode_image(part, limits).pixels
             except ApiError as exc:
                 raise VideoError(
@@ -312,7 +343,7 @@ def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
 
         return pixels
 
-    for index, part in enumerate(mjpeg_parts(spec)):
+    for index, part in enumerate(parts):
         try:
             width, height = image_size(part, limits)  # the header only; checked
         except ApiError as exc:
@@ -320,20 +351,25 @@ def mjpeg_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
                 502, "invalid_source", f"a frame of the source: {exc.message}"
             ) from None
         info = VideoInfo("mjpeg", "mjpeg", width, height, 0.0, 0.0, 0)
-        yield Pending(index, time.time(), width, height, pixels_of(part)), info
+        plan = spec.plan(width, height)
+        yield Pending(index, time.time(), width, height, pixels_of(part, plan)), info
 
 
 def read_source(spec: SourceSpec, newest: Newest) -> None:
     """The reading thread: frames into ``newest`` until the source ends or fails."""
-    frames = rtsp_frames if spec.kind == "rtsp" else mjpeg_frames
+    frames = rtsp_frames if spec.kind == "rtsp" else http_frames
     try:
         for frame, info in frames(spec):
             newest.put(frame, info)
         newest.end(None)
     except VideoError as exc:
         newest.end(exc)
-    except (MemoryError, ValueError, OverflowError, RuntimeError, OSError) as exc:
-        newest.end(VideoError(502, "source_unavailable", f"the source cannot be read: {exc}"))
+    except Exception as exc:  # anything else the source caused: this connection ends, said so
+        # (the thread must never die silently: the gateway would wait for a frame until its
+        # timeout)
+        newest.end(
+            VideoError(502, "source_unavailable", f"the source cannot be read: {exc!r}"[:500])
+        )
 
 
 def _die_with_the_gateway(gateway: int) -> None:
@@ -352,7 +388,11 @@ def main() -> int:
 
     body = json.loads(sys.stdin.buffer.readline())
     _die_with_the_gateway(body.pop("gateway"))
-    spec = SourceSpec(**{**body, "limits": VideoLimits(**body["limits"])})
+    tiles = TileSpec(**body["tiles"]) if body["tiles"] else None
+    spec = SourceSpec(
+        **{**body, "limits": VideoLimits(**body["limits"]), "tiles": tiles,
+           "sources": tuple(body["sources"])}
+    )  # fmt: skip
     newest = Newest()
     threading.Thread(target=read_source, args=(spec, newest), daemon=True).start()
     out, requests = sys.stdout.buffer, sys.stdin.buffer

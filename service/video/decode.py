@@ -17,10 +17,12 @@ Frames are sampled at the requested rate from their timestamps and resized to th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -207,6 +209,37 @@ def open_rtsp(url: str, timeout_s: float) -> av.container.InputContainer:
         raise VideoError(502, "source_unavailable", f"the camera cannot be read: {why}") from None
 
 
+# a file object of the stream worker (service/streams/remote.py): FFmpeg opens nothing itself,
+# not even a file (an unknown protocol name: every nested open refused), nor MP4 references
+REMOTE_OPTIONS = {"protocol_whitelist": "none", "enable_drefs": "0"}
+
+
+def is_mpegts(head: bytes) -> bool:
+    """MPEG-TS: 188-byte packets, each starting with the sync byte 0x47."""
+    return len(head) >= 1 and head[0] == 0x47 and (len(head) <= 188 or head[188] == 0x47)
+
+
+def open_remote(file: BinaryIO, head: bytes, what: str) -> av.container.InputContainer:
+    """A video that the stream worker reads over HTTP (``file``: its bytes in order, seekable
+    or not), its demuxer named from ``head``, its first bytes (MPEG-TS, MP4/MOV, Matroska/WebM,
+    AVI); ``what`` names the source in messages."""
+    kind = "mpegts" if is_mpegts(head) else container_of(head)
+    if kind is None:
+        raise VideoError(
+            415,
+            "unsupported_source",
+            f"{what} is not MJPEG, an HLS playlist, nor a video the service reads (MPEG-TS, "
+            "MP4/MOV, Matroska/WebM, AVI)",
+        )
+    try:
+        return av.open(file, format=LIVE_DEMUXERS[kind], options=dict(REMOTE_OPTIONS))
+    except av.FFmpegError as exc:
+        raise VideoError(502, "invalid_source", f"{what} cannot be read: {exc.strerror}") from None
+
+
+LIVE_DEMUXERS = {**CONTAINERS, "mpegts": "mpegts"}
+
+
 def check_size(width: int, height: int, limits: VideoLimits) -> None:
     if width <= 0 or height <= 0:
         raise VideoError(400, "invalid_video", "the video stream declares no frame size")
@@ -220,11 +253,17 @@ def check_size(width: int, height: int, limits: VideoLimits) -> None:
 
 
 def live_pictures(
-    container: av.container.InputContainer, limits: VideoLimits
+    container: av.container.InputContainer,
+    limits: VideoLimits,
+    plan_for: Callable[[int, int], TilePlan | None] = lambda width, height: None,
+    paced: bool = False,
 ) -> Iterator[tuple[int, int, Callable[[], np.ndarray]]]:
-    """A camera's frames as they come: (width, height, a function giving the 300x300 RGB),
-    each checked against the size limits (a camera may change its resolution mid-stream). The
-    resize is left to the caller's choice of frames: most of a fast camera's are never used."""
+    """A camera's frames as they come: (width, height, a function giving the 300x300 RGB, or
+    the (runs, 300, 300, 3) of the tiles ``plan_for(width, height)`` plans), each checked
+    against the size limits (a camera may change its resolution mid-stream). The resize is left
+    to the caller's choice of frames: most of a fast camera's are never used. ``paced``: each
+    frame released at the time its timestamp says (a file read as a live source); a jump of
+    the timestamps (a discontinuity, a new start) starts the clock again."""
     if not container.streams.video:
         raise VideoError(400, "no_video_stream", "the source has no video stream")
     stream = container.streams.video[0]
@@ -232,15 +271,25 @@ def live_pictures(
 
     def pixels_of(frame: av.VideoFrame) -> Callable[[], np.ndarray]:
         def pixels() -> np.ndarray:
+            plan = plan_for(frame.width, frame.height)
+            if plan is not None and not plan.trivial:
+                return tile_inputs(frame.to_image(), plan, SIZE)
             return frame.reformat(
                 width=SIZE, height=SIZE, format="rgb24", interpolation="BILINEAR"
             ).to_ndarray()
 
         return pixels
 
+    origin = last = None  # the clock: monotonic time of timestamp 0; the last timestamp
     try:
         for frame in container.decode(stream):
             check_size(frame.width, frame.height, limits)
+            if paced and frame.time is not None:
+                t = float(frame.time)
+                if origin is None or not last - 1.0 <= t <= last + 10.0:
+                    origin = time.monotonic() - t
+                last = t
+                time.sleep(max(0.0, origin + t - time.monotonic()))
             yield frame.width, frame.height, pixels_of(frame)
     except (av.FFmpegError, OSError) as exc:
         why = getattr(exc, "strerror", None) or str(exc)

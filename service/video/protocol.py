@@ -69,7 +69,7 @@ class LiveFrame:
     captured: float  # when the worker had it decoded (Unix time: the lag's start)
     width: int  # of the source's picture (boxes are mapped back to it)
     height: int
-    pixels: np.ndarray  # (300, 300, 3) uint8 RGB
+    pixels: np.ndarray  # (300, 300, 3) uint8 RGB; with tiles (n, 300, 300, 3), the whole last
 
 
 def live_message(frame: LiveFrame) -> bytes:
@@ -79,8 +79,8 @@ def live_message(frame: LiveFrame) -> bytes:
 
 def parse_live(payload: bytes) -> LiveFrame:
     index, captured, width, height = LIVE_HEAD.unpack_from(payload)
-    pixels = np.frombuffer(payload, np.uint8, offset=LIVE_HEAD.size).reshape(FRAME_SHAPE)
-    return LiveFrame(index, captured, width, height, pixels)
+    pixels = np.frombuffer(payload, np.uint8, offset=LIVE_HEAD.size).reshape(-1, *FRAME_SHAPE)
+    return LiveFrame(index, captured, width, height, pixels[0] if len(pixels) == 1 else pixels)
 
 
 def error_message(error: VideoError) -> bytes:

@@ -1,4 +1,4 @@
-"""Tracking and line counting: the only module that imports ``supervision`` (MIT).
+"""Tracking, line counting and zones: the only module that imports ``supervision`` (MIT).
 
 Tracks come from supervision's ByteTrack, kept within a class (ByteTrack itself ignores the class:
 a track could otherwise turn from a car into a person; see :class:`Tracker`).
@@ -12,6 +12,11 @@ time its centre crosses the segment (not the infinite line) from one side to the
 Directions, with the line given from its first point A to its second B, in the pixels of the
 displayed image (y down): ``in`` is a crossing from the right of A->B to its left, ``out`` from
 its left to its right (for A=(0,100), B=(200,100): moving up is ``in``, down is ``out``).
+
+Zones are polygons; a track is in a zone while the bottom centre of its box (where an object
+stands on the ground, in a camera's view) lies inside it (even-odd rule). A track enters when it
+is first seen inside, exits when it is seen outside, or when it has not been seen at all for
+``LOST_TRACK_S`` (it left the picture from inside the zone, or was lost there: ``lost``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ LOST_TRACK_S = 2.0
 # box (ByteTrack's rule): at 5 fps the scene's walking person (36 px a frame) is never tracked.
 MATCH_COST = 0.9
 CLASS_GRID = 32  # classes per row of cells in the tracker's plane (see Tracker.update)
+
+
+@dataclass(frozen=True)
+class Zone:
+    points: tuple[tuple[float, float], ...]  # a polygon's corners in order, pixels
 
 
 @dataclass(frozen=True)
@@ -144,3 +154,86 @@ class LineCounter:
             }
             for zone in self._zones
         ]
+
+
+def inside(points: np.ndarray, polygon: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
+    """Which of ``points`` (N, 2) lie inside ``polygon`` (M, 2) or on its edges: the even-odd
+    rule (a ray from the point towards +x crosses the edges an odd number of times), and a point
+    on an edge is inside (a box clipped to the picture has its bottom on the picture's edge, where
+    a zone drawn to that edge ends)."""
+    px, py = points[:, 0:1], points[:, 1:2]  # (N, 1) against the (M,) edges
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    straddles = (y0 > py) != (y1 > py)  # the edge spans the point's height (one end above)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x0 + (py - y0) * (x1 - x0) / (y1 - y0)  # where the edge is at that height
+    odd = (straddles & (px < at)).sum(axis=1) % 2 == 1
+    # on an edge: on its line (cross product ~ 0) and within its ends
+    cross = (x1 - x0) * (py - y0) - (y1 - y0) * (px - x0)
+    length = np.hypot(x1 - x0, y1 - y0)
+    within = (
+        (np.minimum(x0, x1) - tolerance <= px)
+        & (px <= np.maximum(x0, x1) + tolerance)
+        & (np.minimum(y0, y1) - tolerance <= py)
+        & (py <= np.maximum(y0, y1) + tolerance)
+    )
+    on_edge = ((np.abs(cross) <= tolerance * np.maximum(length, 1.0)) & within).any(axis=1)
+    return odd | on_edge
+
+
+class ZoneCounter:
+    """Per zone, the tracks inside it now, and how many of each class entered and exited."""
+
+    def __init__(self, zones: list[Zone]) -> None:
+        self.zones = zones
+        self._polygons = [np.asarray(z.points, dtype=np.float64) for z in zones]
+        # per zone: track id -> (label, when it was last seen)
+        self._inside: list[dict[int, tuple[int, float]]] = [{} for _ in zones]
+        self.entered: list[dict[int, int]] = [{} for _ in zones]
+        self.exited: list[dict[int, int]] = [{} for _ in zones]
+
+    def update(
+        self, boxes: np.ndarray, labels: np.ndarray, track_ids: np.ndarray, now: float
+    ) -> list[tuple[int, int, int, str]]:
+        """This frame's zone events: (zone index, track id, label, ``enter``/``exit``/``lost``);
+        ``now`` in seconds (any clock that only goes forward)."""
+        keep = np.asarray(track_ids) >= 0
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[keep]
+        labels = np.asarray(labels, dtype=np.int64)[keep]
+        ids = np.asarray(track_ids, dtype=np.int64)[keep]
+        feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], axis=1)
+        seen = set(ids.tolist())
+        events = []
+        for index, polygon in enumerate(self._polygons):
+            here = self._inside[index]
+            within = inside(feet, polygon) if len(feet) else np.zeros(0, dtype=bool)
+            for track, label, is_in in zip(ids.tolist(), labels.tolist(), within.tolist()):
+                if is_in:
+                    if track not in here:
+                        events.append((index, track, label, "enter"))
+                        self._tally(self.entered[index], label)
+                    here[track] = (label, now)
+                elif track in here:
+                    del here[track]
+                    events.append((index, track, label, "exit"))
+                    self._tally(self.exited[index], label)
+            for track, (label, last) in list(here.items()):
+                if track not in seen and now - last > LOST_TRACK_S:
+                    del here[track]
+                    events.append((index, track, label, "lost"))
+                    self._tally(self.exited[index], label)
+        return events
+
+    @staticmethod
+    def _tally(counts: dict[int, int], label: int) -> None:
+        counts[label] = counts.get(label, 0) + 1
+
+    def occupancy(self) -> list[dict[int, int]]:
+        """Per zone: tracks inside it now, by class."""
+        out = []
+        for here in self._inside:
+            by_label: dict[int, int] = {}
+            for label, _ in here.values():
+                self._tally(by_label, label)
+            out.append(by_label)
+        return out

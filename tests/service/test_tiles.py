@@ -19,6 +19,7 @@ from service.settings import Settings
 from ssdcore.labels import ClassList
 from ssdcore.tiling import grid_plan
 from tests.service.conftest import run_service
+from tests.service.video.stream_sources import Sources, sse_events
 
 K = 16  # candidates per image
 
@@ -275,3 +276,88 @@ def test_the_tile_budget_fits_the_queue():
     with pytest.raises(ValueError, match="SSD_MAX_TILES=64"):
         Settings(batch_max_queued_images=16, max_files=16, max_tiles=64)
     assert Settings(batch_max_queued_images=16, max_files=16, max_tiles=8).tile_budget == 8
+
+
+def _jpeg(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _first_frames(url: str, sid: str, n: int) -> list[dict]:
+    frames = []
+    with (
+        httpx.Client(base_url=url, timeout=60) as c,
+        c.stream("GET", f"/v1/streams/{sid}/events") as r,
+    ):
+        for kind, data in sse_events(r):
+            if kind == "frame":
+                frames.append(data)
+                if len(frames) == n:
+                    return frames
+    return frames
+
+
+def test_a_streams_frames_are_tiled_as_images_are(live):
+    """An MJPEG camera sending the test picture, tiles=3x2 on the stream: each frame's seven
+    inputs go to the model (the backend counts them), its boxes come back in the camera's pixels,
+    merged across tiles, as for the image; the stream says its tiles. A grid beyond
+    SSD_MAX_TILES is refused before anything connects."""
+    service, backend = live
+    camera = Sources([_jpeg(picture())], fps=10)
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as c:
+            r = c.post("/v1/streams", json={"source": camera.url + "/mjpeg", "tiles": "5x4"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_tiles"
+            assert camera.clients == 0
+            before = backend.inputs
+            r = c.post(
+                "/v1/streams",
+                json={"source": camera.url + "/mjpeg", "fps": 4, "tiles": "3x2",
+                      "tile_overlap": 0.2},
+            )  # fmt: skip
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+            frames = _first_frames(service.url, sid, 2)
+            described = c.get(f"/v1/streams/{sid}").json()
+            assert c.delete(f"/v1/streams/{sid}").status_code == 204
+        assert described["tiles"] == {
+            "grid": [3, 2], "count": 6, "size": [693, 667], "whole_image": True, "model_runs": 7
+        }  # fmt: skip
+        ran = backend.inputs - before
+        assert ran % 7 == 0 and ran >= 14, ran  # whole frames' tiles only
+        for frame in frames:
+            assert (frame["width"], frame["height"]) == (W, H)
+            got = boxes_of(frame)
+            outside = (got[:, 2] <= LARGE[0]) | (got[:, 1] >= LARGE[3])
+            want = np.array(sorted(SQUARES), dtype=float)
+            assert got[outside].shape == want.shape, got  # cut pieces merged: one box each
+            np.testing.assert_allclose(got[outside], want, atol=693 / 300 + 3)  # JPEG's edges
+            assert (~outside).sum() == 1, got
+            np.testing.assert_allclose(got[~outside][0], LARGE, atol=W / 300 + 3)
+    finally:
+        camera.close()
+
+
+def test_a_streams_tiles_come_from_one_version_during_a_rollout():
+    """The stream's frames during a rollout that moves after the first call: every frame's boxes
+    are named from the one version its event names (tiles run again when two answered)."""
+    expected = {"1": {"car"}, "2": {"dog"}}
+    settings = Settings(model_poll_s=0, max_tiles=20, batch_max_queued_images=64, batch_max_size=2)
+    backend = RolloutMidRequest()
+    camera = Sources([_jpeg(picture())], fps=10)
+    try:
+        with run_service(settings, backend) as service:
+            r = httpx.post(
+                service.url + "/v1/streams",
+                json={"source": camera.url + "/mjpeg", "fps": 4, "tiles": "3x2"},
+                timeout=30,
+            )
+            assert r.status_code == 201, r.text
+            frames = _first_frames(service.url, r.json()["id"], 3)
+    finally:
+        camera.close()
+    assert len(frames) == 3 and backend.calls > 4
+    for frame in frames:
+        names = {d["label"] for d in frame["detections"]}
+        assert names == expected[frame["model_version"]], frame

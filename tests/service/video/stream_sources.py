@@ -5,6 +5,7 @@ plain JPEG), plus an SSE reader."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import threading
@@ -30,6 +31,10 @@ class Sources:
         self.jpegs, self.fps = jpegs, fps
         self.clients = 0
         self.stop = threading.Event()
+        self.files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type)
+        self.requests: list[tuple[str, str]] = []  # (path, Range) of the files served
+        self.live_segments: list[str] = []  # /live.m3u8: these in a loop, a window of three
+        self.live_started = time.monotonic()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
@@ -74,6 +79,12 @@ class Sources:
                     self.send_response(302)
                     self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
                     self.end_headers()
+                elif self.path in sources.files:
+                    self.send_file(*sources.files[self.path])
+                elif self.path == "/live.m3u8":
+                    self.send_file(
+                        sources.live_playlist().encode(), "application/vnd.apple.mpegurl"
+                    )
                 elif self.path == "/snapshot.jpg":
                     body = sources.jpegs[0]
                     self.send_response(200)
@@ -84,10 +95,36 @@ class Sources:
                 else:
                     self.send_error(404)
 
+            def send_file(self, body: bytes, content_type: str) -> None:
+                """The file, or the byte range asked for (``Range: bytes=N-``)."""
+                asked = self.headers.get("Range", "")
+                sources.requests.append((self.path, asked))
+                start = int(asked[6:].split("-")[0]) if asked.startswith("bytes=") else None
+                self.send_response(206 if start is not None else 200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Accept-Ranges", "bytes")
+                if start is not None:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - (start or 0)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body[start or 0 :])
+
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def live_playlist(self, segment_s: float = 1.0) -> str:
+        """A live HLS playlist: a window of the last three segments, one more each second
+        (``live_segments`` in a loop), never ending."""
+        newest = int((time.monotonic() - self.live_started) / segment_s) + 2
+        first = max(0, newest - 2)
+        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{segment_s:g}",
+                 f"#EXT-X-MEDIA-SEQUENCE:{first}"]  # fmt: skip
+        for n in range(first, newest + 1):
+            lines += [f"#EXTINF:{segment_s:.3f},", self.live_segments[n % len(self.live_segments)]]
+        return "\n".join(lines) + "\n"
 
     def frames(self) -> Iterator[bytes]:
         start, k = time.monotonic(), 0

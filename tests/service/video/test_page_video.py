@@ -1,13 +1,16 @@
 """The web page with a video in headless Chromium: it plays with the boxes and track ids drawn over
-it and shows the counts; and the page's layout holds up on a 1280 px screen."""
+it and shows the counts; the page's layout holds up on a 1280 px screen; the camera mode; the
+list of live streams."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from devtools.images import encode, photo
 from devtools.videos import COUNTING_LINE, scene_y4m
 from tests.service.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
+from tests.service.video.stream_sources import Sources, scene_jpegs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -103,3 +106,43 @@ def test_the_camera_mode_draws_live_boxes_with_track_ids(video_service, browser,
         page.wait_for_function("document.getElementById('cameraButton').textContent === 'Camera'")
     finally:
         camera_browser.close()
+
+
+def test_the_page_lists_adds_and_stops_streams(video_service, browser):  # noqa: F811
+    """The page's stream list: a stream added from its form runs (rates and lag shown, refreshed);
+    a stream named with markup shows the markup as text; Stop stops it and it leaves the list."""
+    sources = Sources(scene_jpegs(25), fps=25)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        named = httpx.post(
+            video_service.url + "/v1/streams",
+            json={"source": sources.url + "/mjpeg", "fps": 2, "name": "<b id=injected>x</b>"},
+            timeout=30,
+        )
+        assert named.status_code == 201, named.text
+        page.goto(video_service.url + "/")
+        page.fill("#streamSource", sources.url + "/mjpeg")
+        page.fill("#streamFps", "4")
+        page.click("#streamForm button[type=submit]")
+        page.wait_for_function(
+            "document.getElementById('streams').dataset.count === '2' && [...document.querySelectorAll("
+            "'tr.stream')].every(r => r.dataset.state === 'running' && +r.dataset.processed >= 3)",
+            timeout=60_000,
+        )
+        assert page.query_selector("#injected") is None  # text, never markup
+        first = page.inner_text(f'tr.stream[data-id="{named.json()["id"]}"] td')
+        assert "<b id=injected>x</b>" in first, first
+        assert "ms" in page.inner_text("tr.stream td:nth-child(4)")  # the lag
+        row = page.query_selector(f'tr.stream:not([data-id="{named.json()["id"]}"])')
+        ours = row.get_attribute("data-id")
+        row.query_selector("button.stopStream").click()
+        page.wait_for_function(  # stopped and gone from the list; the other one still runs
+            f"!document.querySelector('tr.stream[data-id=\"{ours}\"]') && "
+            "document.getElementById('streams').dataset.count === '1'",
+            timeout=20_000,
+        )
+    finally:
+        page.close()
+        for s in httpx.get(video_service.url + "/v1/streams", timeout=30).json()["streams"]:
+            httpx.delete(f"{video_service.url}/v1/streams/{s['id']}", timeout=30)
+        sources.close()

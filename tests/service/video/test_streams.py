@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from devtools import rtsp_server
-from devtools.videos import COUNTING_LINE
+from devtools.videos import COUNTING_LINE, scene_hls
 from loadtest.processes import free_port
 from service.backends import BackendUnavailable
 from service.backends.onnx import OnnxBackend
@@ -537,3 +537,134 @@ def test_a_new_version_reaches_a_running_stream_at_a_frame(scene_repo, tmp_path)
         assert ids and all(i > seen for i in ids), (seen, ids)
         stop(service, sid)
     still.close()
+
+
+def test_zone_entries_and_exits_of_the_scene(live, sources):
+    """A zone over the lower left of the scene (x 100..320, y 200..360): each pass of the looping
+    clip, the first person walks down into it and vanishes there (an exit once lost), the second
+    walks left through it (an entry, then an exit at x 100); the car (x 470) never enters. Per
+    track, entries and exits alternate; the stream's tallies are the events'."""
+    zone = [[100, 200], [320, 200], [320, 360], [100, 360]]
+    sid = start(live, source=sources.url + "/mjpeg", fps=10, zones=[zone])["id"]
+    t0 = time.monotonic()
+    events = events_until(live, sid, lambda k, d: time.monotonic() - t0 > 10)
+    body = described(live, sid)
+    stop(live, sid)
+    moves = [z for k, d in events if k == "frame" for z in d.get("zones", [])]
+    by_track: dict[int, list[str]] = collections.defaultdict(list)
+    for z in moves:
+        assert z["zone"] == 0 and z["event"] in ("enter", "exit"), z
+        by_track[z["track_id"]].append(z["event"])
+    for track, seen in by_track.items():  # enter, exit, enter, ...: never twice in a row
+        assert seen[::2] == ["enter"] * len(seen[::2]), (track, seen)
+        assert seen[1::2] == ["exit"] * len(seen[1::2]), (track, seen)
+    entered = [z for z in moves if z["event"] == "enter"]
+    assert {z["label"] for z in entered} == {"person"}, entered  # never the car
+    assert len(entered) >= 4, moves  # two people a pass, ~3 passes
+    assert any(z.get("lost") for z in moves), moves  # the first person, gone inside
+    assert any(z["event"] == "exit" and not z.get("lost") for z in moves), moves  # the second
+    (tally,) = body["zones"]
+    assert tally["zone"] == zone
+    assert tally["entered"]["person"] >= len(entered)  # the events we read, and any since
+    assert "car" not in tally["entered"] and sum(tally["inside"].values()) <= 2, tally
+
+
+@pytest.fixture(scope="module")
+def media(sources, scene_clip, tmp_path_factory):
+    """The scene served over HTTP as an MP4 file (its index at the end: read with byte ranges),
+    as HLS (a playlist that ends, three MPEG-TS segments) and as a live HLS playlist (a window
+    of three segments moving on each second, never ending); and playlists that lead elsewhere."""
+    clip, _ = scene_clip
+    segments, playlist = scene_hls(tmp_path_factory.mktemp("hls"))
+    sources.files["/clip.mp4"] = (clip.read_bytes(), "video/mp4")
+    sources.files["/scene.m3u8"] = (playlist.encode(), "application/vnd.apple.mpegurl")
+    for path in segments:
+        sources.files["/" + path.name] = (path.read_bytes(), "video/mp2t")
+    sources.live_segments = [path.name for path in segments]
+    head = "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n"
+    evil = {
+        "/file.m3u8": head + "file:///etc/passwd\n",
+        "/metadata.m3u8": head + "http://169.254.169.254/latest/meta-data/seg.ts\n",
+        "/concat.m3u8": head + "concat:/etc/passwd|/etc/hostname\n",
+        "/master.m3u8": "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,RESOLUTION=640x360\n"
+        "http://[fd00:ec2::254]/v.m3u8\n",
+        "/encrypted.m3u8": "#EXTM3U\n#EXT-X-TARGETDURATION:1\n"
+        '#EXT-X-KEY:METHOD=AES-128,URI="k.bin"\n#EXTINF:1.0,\nscene0.ts\n',
+        "/fmp4.m3u8": '#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MAP:URI="init.mp4"\n'
+        "#EXTINF:1.0,\nscene0.ts\n",
+    }
+    for path, text in evil.items():
+        sources.files[path] = (text.encode(), "application/vnd.apple.mpegurl")
+    return sources
+
+
+@pytest.mark.parametrize("path", ["/clip.mp4", "/scene.m3u8"])
+def test_a_video_file_and_hls_over_http_tracked_and_counted(live, media, scene_clip, path):
+    """The scene clip as an MP4 file over HTTP and as HLS, each played at its own pace as a live
+    source: tracks and line counts as the ground truth says; its end is a reconnection (and it
+    plays again)."""
+    _, truth = scene_clip
+    media.requests.clear()
+    sid = start(live, source=media.url + path, fps=10, lines=[list(COUNTING_LINE)])["id"]
+    events = events_until(live, sid, lambda k, d: k == "state" and d["state"] == "reconnecting")
+    frames = [d for k, d in events if k == "frame"]
+    indices = [f["frame"] for f in frames]
+    # played at its pace (3 s) and detected at 10 a second: about 30 frames, not all 75 at once
+    assert 15 <= len(frames) <= 40 and max(indices) >= 70, indices
+    for index, ids in track_ids(frames, truth).items():
+        hits = [i for i in ids if i != "miss"]
+        assert len(hits) >= 0.6 * len(ids), (index, ids)
+    body = described(live, sid)
+    (line,) = body["lines"]
+    assert line["in"] == {"car": 1} and line["out"] == {"person": 1}, line
+    assert body["codec"] == "h264" and body["width"] == 640
+    wait_state(live, sid, "running")  # played again
+    stop(live, sid)
+    if path == "/clip.mp4":  # its index is at its end: read there first, with a byte range
+        assert any(r.startswith("bytes=") for p, r in media.requests if p == path), media.requests
+    else:
+        assert [p for p, _ in media.requests[:4]] == [
+            path,
+            "/scene0.ts",
+            "/scene1.ts",
+            "/scene2.ts",
+        ]
+
+
+def test_a_live_hls_playlist_is_followed_from_its_newest_segment(live, media):
+    sid = start(live, source=media.url + "/live.m3u8", fps=5)["id"]
+    wait_state(live, sid, "running")
+    media.requests.clear()
+    time.sleep(4)
+    body = described(live, sid)
+    stop(live, sid)
+    assert body["state"] == "running" and body["reconnects"] == 0, body
+    assert body["frames_processed"] >= 10, body
+    asked = [p for p, _ in media.requests]
+    assert asked.count("/live.m3u8") >= 3, asked  # reloaded as segments come
+    assert len([p for p in asked if p.endswith(".ts")]) >= 3, asked  # the new segments fetched
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/file.m3u8", "source_refused"),
+        ("/concat.m3u8", "source_refused"),  # FFmpeg's concat: protocol, a scheme here
+        ("/metadata.m3u8", "source_refused"),
+        ("/master.m3u8", "source_refused"),
+        ("/encrypted.m3u8", "unsupported_source"),
+        ("/fmp4.m3u8", "unsupported_source"),
+    ],
+)
+def test_playlists_never_lead_elsewhere(live, media, path, reason):
+    """What a playlist names is checked as the source itself is: a file, FFmpeg's concat of local
+    files, the metadata address (as a segment, as a variant in IPv6): the stream fails at once
+    with the reason, nothing fetched from there; encrypted and fragmented-MP4 playlists are
+    refused as unsupported."""
+    media.requests.clear()
+    sid = start(live, source=media.url + path)["id"]
+    body = wait_state(live, sid, "failed", timeout=20)
+    stop(live, sid)
+    assert body["reason"].startswith(reason), body
+    assert body["reconnects"] == 0 and body["frames_processed"] == 0, body
+    assert {p for p, _ in media.requests} == {path}, media.requests  # nothing else was asked

@@ -1,6 +1,7 @@
 """Tracking and line counting (service/video/tracking.py) against independent answers: objects on
 known random paths keep their ids, and line counts equal the crossings counted by hand (the sign
-of each centre's side of the line, frame to frame)."""
+of each centre's side of the line, frame to frame); points in zones as a drawing of the zone
+says, entries and exits of scripted tracks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import itertools
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
-from service.video.tracking import Line, LineCounter, Tracker
+from service.video.tracking import Line, LineCounter, Tracker, Zone, ZoneCounter, inside
 
 
 def paths(rng: np.random.Generator, n: int, frames: int) -> np.ndarray:
@@ -118,3 +120,90 @@ def test_a_small_object_of_any_class_keeps_one_id(label):
             assert track >= 0, f
             ids.add(int(track))
     assert len(ids) == 1, ids
+
+
+def _inside_by_drawing(points: np.ndarray, polygon: list[tuple[float, float]]) -> np.ndarray:
+    """The slow obvious answer: the polygon filled by PIL, read at each point's pixel."""
+    mask = Image.new("1", (400, 400))
+    ImageDraw.Draw(mask).polygon(polygon, fill=1)
+    grid = np.asarray(mask)
+    return np.array([bool(grid[int(y), int(x)]) for x, y in points])
+
+
+@pytest.mark.parametrize(
+    "polygon",
+    [
+        [(50, 50), (350, 50), (350, 350), (50, 350)],  # a square
+        [(50, 50), (350, 50), (350, 150), (150, 150), (150, 350), (50, 350)],  # an L (concave)
+        [(200, 20), (380, 380), (20, 380)],  # a triangle
+        [(20, 20), (380, 20), (200, 200), (380, 380), (20, 380), (120, 200)],  # two notches
+    ],
+)
+def test_points_in_a_zone_as_a_filled_drawing_of_it_says(polygon):
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 400, (3000, 2))
+    # a pixel's filled or not near an edge is the rasteriser's choice: only points 2 px from any
+    # edge are compared
+    poly = np.asarray(polygon, dtype=float)
+    a, b = poly, np.roll(poly, -1, axis=0)
+    ab = b - a
+    t = np.clip(((points[:, None] - a) * ab).sum(-1) / (ab * ab).sum(-1), 0, 1)
+    dist = np.linalg.norm(points[:, None] - (a + t[..., None] * ab), axis=-1).min(axis=1)
+    far = points[dist > 2]
+    want = _inside_by_drawing(far, polygon)
+    assert 0.1 < want.mean() < 0.95  # both sides are tested
+    np.testing.assert_array_equal(inside(far, poly), want)
+
+
+def test_zone_entries_exits_and_tracks_lost_inside():
+    """A zone x 100..200 (a square): track 1 walks in and out, track 2 walks in and vanishes
+    (exits as lost once gone for longer than a track is kept), track 3 (another class) stays
+    outside; the bottom centre of a box decides, not its middle."""
+    zone = Zone(((100, 100), (200, 100), (200, 200), (100, 200)))
+    counter = ZoneCounter([zone])
+
+    def box(cx: float, bottom: float) -> list[float]:
+        return [cx - 10, bottom - 40, cx + 10, bottom]
+
+    frames = [  # (time, [(track, label, cx, bottom)])
+        # track 2's box (y 175..215) has its middle inside, its bottom below: outside
+        (0.0, [(1, 1, 50, 150), (2, 1, 150, 215), (3, 2, 300, 150)]),
+        (0.5, [(1, 1, 120, 150), (2, 1, 150, 130), (3, 2, 300, 150)]),  # 1 and 2 enter
+        (1.0, [(1, 1, 150, 150), (2, 1, 150, 160), (3, 2, 250, 150)]),
+        (1.5, [(1, 1, 250, 150), (3, 2, 210, 150)]),  # 1 exits; 2 not seen
+        (3.0, [(3, 2, 210, 150)]),  # 2 unseen for 2.0 s: still kept
+        (3.6, [(3, 2, 210, 150), (1, 1, 150, 120)]),  # 2 lost (2.6 s); 1 enters again
+    ]
+    events = []
+    for now, dets in frames:
+        boxes = np.array([box(cx, bottom) for _, _, cx, bottom in dets], dtype=float)
+        labels = np.array([label for _, label, _, _ in dets])
+        ids = np.array([track for track, _, _, _ in dets])
+        events.append(counter.update(boxes, labels, ids, now))
+    assert events == [
+        [],
+        [(0, 1, 1, "enter"), (0, 2, 1, "enter")],
+        [],
+        [(0, 1, 1, "exit")],
+        [],
+        [(0, 1, 1, "enter"), (0, 2, 1, "lost")],
+    ]
+    assert counter.entered == [{1: 3}] and counter.exited == [{1: 2}]
+    assert counter.occupancy() == [{1: 1}]
+    # a detection not tracked yet (-1) is nobody: it never enters
+    assert counter.update(np.array([box(150, 150)]), np.array([2]), np.array([-1]), 4.0) == []
+
+
+def test_a_point_on_a_zones_edge_is_inside():
+    """A box clipped to the picture has its bottom on the picture's last row: a zone drawn to
+    that edge must hold it (it used to exit and enter again as the object touched the edge)."""
+    zone = np.array([[0, 240], [640, 240], [640, 480], [0, 480]], dtype=float)
+    edge_points = np.array([[320, 480], [0, 300], [640, 300], [320, 240], [640, 480]], float)
+    assert inside(edge_points, zone).all()
+    assert not inside(np.array([[320, 480.5], [-0.5, 300], [320, 239.5]]), zone).any()
+    counter = ZoneCounter([Zone(tuple(map(tuple, zone)))])
+    moves = [
+        counter.update(np.array([[300, bottom - 50, 340, bottom]]), np.array([1]), np.array([7]), t)
+        for t, bottom in enumerate((400, 470, 480, 480, 470))
+    ]
+    assert moves == [[(0, 7, 1, "enter")], [], [], [], []]
