@@ -18,7 +18,7 @@ USERS ?= 1 4 16
 LOADTEST_SECONDS ?= 30
 LOADTEST_HOST ?=
 
-.PHONY: install system-deps test lint serve model bench loadtest reliability compose-test k8s-test docs clean
+.PHONY: install system-deps prepare test lint serve model bench loadtest reliability compose-test k8s-test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,13 +40,29 @@ system-deps:
 	@dpkg -s $(RTSP_PACKAGES) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES) >/dev/null; \
 	  else echo "GStreamer's RTSP server missing: the RTSP stream test will be skipped ($(RTSP_PACKAGES))"; fi; }
+	@# in CI the compose, Kubernetes (podman) and Slurm tests install their engines when missing;
+	@# installed here instead, beside the Python environment (make test runs the two at once)
+	@# (each only where its commands are missing, as the tests decide: a docker-ce stays)
+	@if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then missing=""; \
+	  command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	  { command -v podman && command -v catatonit; } >/dev/null || missing="$$missing podman catatonit"; \
+	  { command -v slurmctld && command -v slurmd && command -v munged && command -v sbatch; } \
+	    >/dev/null || missing="$$missing slurm-wlm munge"; \
+	  command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	  [ -z "$$missing" ] || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; fi
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# the Python environment and the system packages at once (pip beside apt on a fresh machine)
+prepare:
+	@$(MAKE) --no-print-directory -j2 install system-deps
+
 # every test; in CI (CI=true) this includes the compose stack built and run for real
-test: install system-deps lint
+test: prepare
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 # both images built from the Dockerfiles and the compose stack run for real (the engine installed
