@@ -95,6 +95,11 @@ class TileSpec:
             return auto_plan(width, height, self.size, self.overlap, max_runs, self.whole)
         return grid_plan(width, height, *self.grid, self.overlap, self.whole)
 
+    def cut(self, width: int, height: int, max_runs: int) -> TilePlan | None:
+        """:meth:`plan`, or None where it is one tile covering the image (run it whole)."""
+        plan = self.plan(width, height, max_runs)
+        return None if plan.trivial else plan
+
 
 def _spans(length: int, count: int, overlap: float) -> list[tuple[int, int]]:
     """``count`` intervals of one size covering [0, length), the first starting at 0 and the

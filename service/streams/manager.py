@@ -238,10 +238,7 @@ class LiveStream:
     def _plan(self, width: int, height: int) -> TilePlan | None:
         """A frame's tiles, as the worker cuts them (None: the frame whole)."""
         tiling = self.params.detect.tiling
-        if tiling is None:
-            return None
-        plan = tiling.plan(width, height, self.settings.tile_budget)
-        return None if plan.trivial else plan
+        return tiling.cut(width, height, self.settings.tile_budget) if tiling is not None else None
 
     # --- events ---
 

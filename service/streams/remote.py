@@ -114,7 +114,7 @@ class Fetcher:
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise _broken(exc, spec.timeout_s, "the source cannot be read") from None
+            raise read_error(exc, spec.timeout_s, "the source cannot be read") from None
         if 300 <= resp.status < 400:
             conn.close()
             raise VideoError(
@@ -158,7 +158,7 @@ class Fetcher:
         try:
             body = resp.read(MAX_PLAYLIST_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
-            raise _broken(exc, self.spec.timeout_s, "the playlist broke off") from None
+            raise read_error(exc, self.spec.timeout_s, "the playlist broke off") from None
         finally:
             resp.close()
         if len(body) > MAX_PLAYLIST_BYTES:
@@ -190,7 +190,8 @@ def _shown(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"[:300]
 
 
-def _broken(exc: BaseException, timeout_s: float, what: str) -> VideoError:
+def read_error(exc: BaseException, timeout_s: float, what: str) -> VideoError:
+    """A source's read that failed: silent past its timeout (504), or broken (502)."""
     if isinstance(exc, TimeoutError | socket.timeout):
         return VideoError(504, "source_silent", f"the source sent nothing for {timeout_s:g} s")
     return VideoError(502, "source_unavailable", f"{what}: {exc}")
@@ -248,7 +249,7 @@ class RemoteFile(io.RawIOBase):
         try:
             return self.resp.read1(min(size, CHUNK)) if size else b""
         except (OSError, http.client.HTTPException) as exc:
-            raise _broken(exc, self.fetcher.spec.timeout_s, "the source broke off") from None
+            raise read_error(exc, self.fetcher.spec.timeout_s, "the source broke off") from None
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
@@ -424,7 +425,7 @@ def _segment(fetcher: Fetcher, url: str) -> Iterator[bytes]:
                 )
             yield chunk
     except (OSError, http.client.HTTPException) as exc:
-        raise _broken(exc, fetcher.spec.timeout_s, "a segment broke off") from None
+        raise read_error(exc, fetcher.spec.timeout_s, "a segment broke off") from None
     finally:
         resp.close()
 

@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,6 +39,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from service.streams.remote import (
+    HLS_TYPES,
+    MAX_PLAYLIST_BYTES,
+    ChunkFile,
+    Fetcher,
+    RemoteFile,
+    hls_bytes,
+    read_error,
+)
 from service.video.protocol import (
     DONE,
     ERROR,
@@ -79,10 +87,7 @@ class SourceSpec:
     def plan(self, width: int, height: int) -> TilePlan | None:
         """The tiles of a frame of this size, as the gateway plans them (None: the frame
         whole)."""
-        if self.tiles is None:
-            return None
-        plan = self.tiles.plan(width, height, self.max_runs)
-        return None if plan.trivial else plan
+        return self.tiles.cut(width, height, self.max_runs) if self.tiles is not None else None
 
 
 class StreamWorker(DecodeWorker):
@@ -192,16 +197,26 @@ class Newest:
 
 
 def rtsp_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
-    from service.video.decode import live_pictures, open_rtsp
+    from service.video.decode import open_rtsp
 
-    container = open_rtsp(spec.url, spec.timeout_s)
+    yield from container_frames(spec, open_rtsp(spec.url, spec.timeout_s), "rtsp", paced=False)
+
+
+def container_frames(
+    spec: SourceSpec, container, name: str | None, paced: bool
+) -> Iterator[tuple[Pending, VideoInfo]]:
+    """The frames FFmpeg decodes from an opened source (``name``: the container as shown, else
+    FFmpeg's name of it); ``paced``: at their timestamps' pace (a file), else as they come."""
+    from service.video.decode import live_pictures
+
     with container:
         stream = container.streams.video[0] if container.streams.video else None
         codec = stream.codec_context.name if stream is not None else "none"
         rate = stream.average_rate or stream.guessed_rate if stream is not None else None
-        pictures = live_pictures(container, spec.limits, spec.plan)
+        name = name or container.format.name
+        pictures = live_pictures(container, spec.limits, spec.plan, paced=paced)
         for index, (width, height, pixels) in enumerate(pictures):
-            info = VideoInfo("rtsp", codec, width, height, float(rate or 0), 0.0, 0)
+            info = VideoInfo(name, codec, width, height, float(rate or 0), 0.0, 0)
             yield Pending(index, time.time(), width, height, pixels), info
 
 
@@ -219,15 +234,6 @@ def _boundary(content_type: str) -> bytes | None:
 
 def http_frames(spec: SourceSpec) -> Iterator[tuple[Pending, VideoInfo]]:
     """An http(s) source, by what it answers: MJPEG, an HLS playlist, or a video."""
-    from service.streams.remote import (
-        HLS_TYPES,
-        MAX_PLAYLIST_BYTES,
-        ChunkFile,
-        Fetcher,
-        RemoteFile,
-        hls_bytes,
-    )
-
     fetcher = Fetcher(spec)
     resp = fetcher.get(fetcher.url)
     content_type = resp.getheader("content-type", "")
@@ -258,18 +264,10 @@ def remote_frames(
     spec: SourceSpec, file, head: bytes, container_name: str | None
 ) -> Iterator[tuple[Pending, VideoInfo]]:
     """A video fetched over HTTP, demuxed by FFmpeg from ``file``, frames at their pace."""
-    from service.video.decode import live_pictures, open_remote
+    from service.video.decode import open_remote
 
     container = open_remote(file, head, "the source")
-    with container:
-        stream = container.streams.video[0] if container.streams.video else None
-        codec = stream.codec_context.name if stream is not None else "none"
-        rate = stream.average_rate or stream.guessed_rate if stream is not None else None
-        name = container_name or container.format.name
-        pictures = live_pictures(container, spec.limits, spec.plan, paced=True)
-        for index, (width, height, pixels) in enumerate(pictures):
-            info = VideoInfo(name, codec, width, height, float(rate or 0), 0.0, 0)
-            yield Pending(index, time.time(), width, height, pixels), info
+    yield from container_frames(spec, container, container_name, paced=True)
 
 
 def mjpeg_parts(spec: SourceSpec, resp, delimiter: bytes) -> Iterator[bytes]:
@@ -315,11 +313,7 @@ def mjpeg_parts(spec: SourceSpec, resp, delimiter: bytes) -> Iterator[bytes]:
             if not rest or rest.strip() == closing:
                 return
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        if isinstance(exc, TimeoutError | socket.timeout):
-            raise VideoError(
-                504, "source_silent", f"the source sent nothing for {spec.timeout_s:g} s"
-            ) from None
-        raise VideoError(502, "source_unavailable", f"the source broke off: {exc}") from None
+        raise read_error(exc, spec.timeout_s, "the source broke off") from None
     finally:
         resp.close()
 
